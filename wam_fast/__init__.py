@@ -1,0 +1,39 @@
+"""wam_fast: inference optimisation for world action models (see README.md).
+
+Importing this package is cheap: no CUDA initialisation, no optional dependency. Submodules load
+on first attribute access.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute); resolved lazily so `import wam_fast` stays lean.
+_LAZY = {
+    "configs": ("wam_fast.configs", None),
+    "WAMConfig": ("wam_fast.configs", "WAMConfig"),
+    "WAMTransformer": ("wam_fast.models.transformer", "WAMTransformer"),
+    "SegmentLayout": ("wam_fast.models.layout", "SegmentLayout"),
+    "sample": ("wam_fast.sampling", "sample"),
+    "ActionChunk": ("wam_fast.sampling", "ActionChunk"),
+    "SAMPLERS": ("wam_fast.sampling", "SAMPLERS"),
+    "save_pretrained": ("wam_fast.checkpoint", "save_pretrained"),
+    "load_pretrained": ("wam_fast.checkpoint", "load_pretrained"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'wam_fast' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,159 @@
+"""WAMConfig and the named workloads of DESIGN.md section 1 ("tiny", "videovla-5b", "videovla-5b-sim")."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+MASKS = ("full", "temporal")
+OBJECTIVES = ("v_prediction", "flow_matching")
+
+
+@dataclass(frozen=True)
+class WAMConfig:
+    """Hyper-parameters of a world action model (video latents + action chunk, denoised together).
+
+    ``mask="full"`` is VideoVLA's layout: text | video (all frames noisy, the clean image latent
+    concatenated channel-wise) | actions, everything attends to everything.
+    ``mask="temporal"`` is the cacheable layout of DESIGN.md section 6: text | history frames
+    (clean, up to ``history_frames``) | current frame (clean) | future frames + actions (noisy);
+    a query of segment i sees keys of segments <= i. ``dataclasses.replace(cfg, mask="temporal")``
+    gives the masked variant of a preset with the same weights.
+    """
+
+    name: str = "custom"
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 16
+    ffn_mult: int = 4
+    time_embed_dim: int = 32
+    text_len: int = 8
+    text_dim: int = 32
+    latent_channels: int = 4
+    image_concat: bool = True  # patch embedding takes [latent, image latent] channels (VideoVLA)
+    latent_frames: int = 2  # all latent frames of a clip, the current observation's included
+    latent_height: int = 8
+    latent_width: int = 8
+    patch_size: int = 2
+    action_len: int = 4
+    action_dim: int = 7
+    num_robots: int = 0  # > 0 adds a robot-id embedding to the action tokens
+    mask: str = "full"
+    history_frames: int = 0  # temporal mask only: most clean past frames a forward may carry
+    rope_axes_dim: Optional[Tuple[int, int, int]] = None  # (t, h, w); default head_dim/4, 3/8, 3/8
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm_eps: float = 1e-6
+    objective: str = "v_prediction"
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        def positive(field_name):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"WAMConfig.{field_name} must be a positive int, got {value!r}")
+
+        for field_name in ("num_layers", "num_heads", "head_dim", "ffn_mult", "time_embed_dim",
+                           "text_len", "text_dim", "latent_channels", "latent_frames",
+                           "latent_height", "latent_width", "patch_size", "action_len",
+                           "action_dim", "num_train_timesteps"):
+            positive(field_name)
+        if self.mask not in MASKS:
+            raise ValueError(f"WAMConfig.mask must be one of {MASKS}, got {self.mask!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"WAMConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.num_robots < 0 or self.history_frames < 0:
+            raise ValueError(f"WAMConfig.num_robots and history_frames must be >= 0, got "
+                             f"{self.num_robots} and {self.history_frames}")
+        if self.history_frames and self.mask != "temporal":
+            raise ValueError(f"WAMConfig.history_frames={self.history_frames} needs mask='temporal' "
+                             f"(history frames are clean context), got mask={self.mask!r}")
+        if self.mask == "temporal" and self.latent_frames < 2:
+            raise ValueError("mask='temporal' splits the clip into a clean current frame and noisy "
+                             f"future frames, so latent_frames must be >= 2, got {self.latent_frames}")
+        for side in ("latent_height", "latent_width"):
+            if getattr(self, side) % self.patch_size:
+                raise ValueError(f"WAMConfig.{side}={getattr(self, side)} is not divisible by "
+                                 f"patch_size={self.patch_size}")
+        axes = self.rope_axes
+        if sum(axes) != self.head_dim or any(a <= 0 or a % 2 for a in axes):
+            raise ValueError(f"rope_axes_dim {axes} must be three positive even sizes summing to "
+                             f"head_dim={self.head_dim}")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def hidden_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_mult * self.hidden_dim
+
+    @property
+    def in_channels(self) -> int:
+        return self.latent_channels * (2 if self.image_concat else 1)
+
+    @property
+    def rope_axes(self) -> Tuple[int, int, int]:
+        if self.rope_axes_dim is not None:
+            return tuple(self.rope_axes_dim)
+        t = self.head_dim // 4
+        hw = (self.head_dim - t) // 2
+        return (t, hw, self.head_dim - t - hw)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_height // self.patch_size) * (self.latent_width // self.patch_size)
+
+    @property
+    def noisy_frames(self) -> int:
+        """Latent frames the model denoises: all of them (full) or the future ones (temporal)."""
+        return self.latent_frames if self.mask == "full" else self.latent_frames - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of one sample-forward with the current frame and no history."""
+        return self.text_len + self.latent_frames * self.tokens_per_frame + self.action_len
+
+    @property
+    def noisy_tokens(self) -> int:
+        """Tokens that change at each denoising step (what a KV-cached step runs)."""
+        return self.noisy_frames * self.tokens_per_frame + self.action_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WAMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown WAMConfig fields {unknown}; known fields: {sorted(known)}")
+        data = dict(data)
+        if data.get("rope_axes_dim") is not None:
+            data["rope_axes_dim"] = tuple(data["rope_axes_dim"])
+        return cls(**data)
+
+
+_PRESETS = {
+    "tiny": WAMConfig(name="tiny"),
+    # VideoVLA real-robot config on CogVideoX-5B: 256x256 images, 13 frames -> 4 latent frames of 32x32.
+    "videovla-5b": WAMConfig(
+        name="videovla-5b", num_layers=42, num_heads=48, head_dim=64, time_embed_dim=512,
+        text_len=226, text_dim=4096, latent_channels=16, latent_frames=4, latent_height=32,
+        latent_width=32, patch_size=2, action_len=6, action_dim=7),
+}
+# VideoVLA simulation config: 49 frames -> 13 latent frames.
+_PRESETS["videovla-5b-sim"] = dataclasses.replace(
+    _PRESETS["videovla-5b"], name="videovla-5b-sim", latent_frames=13)
+
+
+def names() -> Tuple[str, ...]:
+    return tuple(_PRESETS)
+
+
+def get(name: str, **overrides) -> WAMConfig:
+    """A preset by name, optionally with fields replaced: ``get("tiny", mask="temporal")``."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown workload {name!r}; expected one of {names()}")
+    return dataclasses.replace(_PRESETS[name], **overrides) if overrides else _PRESETS[name]

@@ -1,0 +1,1 @@
+"""Reference models: the world action model and its named, swappable pieces."""

@@ -1,0 +1,102 @@
+"""Plain-PyTorch forms of the block's small ops, with the semantics of DESIGN.md section 5.
+
+The reference model calls these; fused kernels are tested against them (in float32).
+`segments` is a tuple of consecutive segment lengths summing to N and `mod_index[s]` the
+modulation set of segment s; per-set tensors are (B, S, D) and broadcast over their tokens.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=64)
+def _token_sets(segments: Tuple[int, ...], mod_index: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # built once per layout and device, not once per op call (no host-to-device copy per layer)
+    cpu = torch.device("cpu")  # explicit: a torch.device("meta") context would change the default
+    return torch.repeat_interleave(torch.tensor(mod_index, dtype=torch.long, device=cpu),
+                                   torch.tensor(segments, dtype=torch.long, device=cpu)).to(device)
+
+
+def expand_segments(values: torch.Tensor, segments: Sequence[int], mod_index: Sequence[int]) -> torch.Tensor:
+    """(B, S, D) per-set values -> (B, N, D) per-token values."""
+    return values.index_select(1, _token_sets(tuple(segments), tuple(mod_index), values.device))
+
+
+def adaln_modulate(x, shift, scale, segments, mod_index, weight=None, bias=None, eps: float = 1e-5):
+    """LayerNorm(x) (* weight + bias) * (1 + scale[set]) + shift[set]."""
+    normed = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return normed * (1 + expand_segments(scale, segments, mod_index)) + expand_segments(shift, segments, mod_index)
+
+
+def gated_residual(residual, x, gate, segments, mod_index):
+    """residual + gate[set] * x."""
+    return residual + expand_segments(gate, segments, mod_index) * x
+
+
+def gated_residual_adaln(residual, x, gate, shift, scale, segments, mod_index, weight=None, bias=None,
+                         eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """r = residual + gate[set] * x, and adaln_modulate(r, ...); returns (r, modulated)."""
+    r = gated_residual(residual, x, gate, segments, mod_index)
+    return r, adaln_modulate(r, shift, scale, segments, mod_index, weight, bias, eps)
+
+
+def rope_cos_sin(frame_positions: Sequence[int], grid_height: int, grid_width: int,
+                 axes_dim: Sequence[int], theta: float = 10000.0, device=None):
+    """3D RoPE tables for video tokens ordered (frame, row, column): two (Nv, head_dim) float32.
+
+    The head dim splits into (t, h, w) parts; each part rotates interleaved pairs (x0, x1), (x2, x3)...
+    by position * theta ** (-2i / part_dim).
+    """
+    frames = torch.tensor(tuple(frame_positions), dtype=torch.float32, device=device)
+    rows = torch.arange(grid_height, dtype=torch.float32, device=device)
+    cols = torch.arange(grid_width, dtype=torch.float32, device=device)
+    grid = torch.stack(torch.meshgrid(frames, rows, cols, indexing="ij"), dim=-1).reshape(-1, 3)
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+        angles.append(grid[:, axis:axis + 1] * inv_freq)
+    angles = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotation of x (..., N, hd) by (N, hd) tables, computed in float32."""
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start: int, rope_end: int,
+                 eps: float = 1e-6):
+    """Affine LayerNorm over head_dim on q and k (B, H, N, hd), then RoPE on tokens [rope_start, rope_end)."""
+    hd = q.shape[-1]
+    q = F.layer_norm(q, (hd,), q_weight, q_bias, eps)
+    k = F.layer_norm(k, (hd,), k_weight, k_bias, eps)
+
+    def rotate_slice(t):
+        return torch.cat((t[..., :rope_start, :], apply_rope(t[..., rope_start:rope_end, :], cos, sin),
+                          t[..., rope_end:, :]), dim=-2)
+
+    return rotate_slice(q), rotate_slice(k)
+
+
+def temporal_mask(q_segments: torch.Tensor, k_segments: torch.Tensor) -> torch.Tensor:
+    """(Nq, Nk) boolean, True where query of segment i may see key of segment j <= i."""
+    return k_segments[None, :] <= q_segments[:, None]
+
+
+def attention(q, k, v, q_segments: Optional[torch.Tensor] = None, k_segments: Optional[torch.Tensor] = None,
+              mask: str = "full"):
+    """SDPA over (B, H, N, hd); ``mask="temporal"`` uses per-token segment ids (len(k) >= len(q) allowed)."""
+    if mask == "full":
+        return F.scaled_dot_product_attention(q, k, v)
+    if mask != "temporal":
+        raise ValueError(f"mask must be 'full' or 'temporal', got {mask!r}")
+    if q_segments is None or k_segments is None:
+        raise ValueError("mask='temporal' needs q_segments and k_segments (per-token segment ids)")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=temporal_mask(q_segments, k_segments))

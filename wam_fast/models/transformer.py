@@ -1,0 +1,296 @@
+"""The reference world action model: VideoVLA's CogVideoX-5B anatomy in plain PyTorch.
+
+Built from named pieces (``AdaLNModulate``, ``Attention``, ``GatedResidualAdaLN``, ``FeedForward``,
+``WAMBlock``) so that fused versions replace them by module swap without editing this file.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wam_fast.configs import WAMConfig
+from wam_fast.models import functional as WF
+from wam_fast.models.layout import SegmentLayout, build_layout
+
+
+class ForwardContext:
+    """What every block of one forward shares: the layout, attention segment ids and RoPE tables."""
+
+    def __init__(self, layout: SegmentLayout, config: WAMConfig, device: torch.device):
+        self.layout = layout
+        self.segments = layout.lengths
+        self.mod_index = tuple(range(layout.num_segments))  # one modulation set per segment
+        self.mask = layout.mask
+        self.token_groups = layout.token_groups(device)
+        # per segment: which half of each block's AdaLN table it reads (video = 0, text = 1)
+        self.adaln_half = torch.tensor([1 - m for m in layout.mod_set], device=device)
+        self.rope_start, self.rope_end = layout.video_span
+        grid = (config.latent_height // config.patch_size, config.latent_width // config.patch_size)
+        self.rope_cos, self.rope_sin = WF.rope_cos_sin(layout.frame_positions, *grid, config.rope_axes,
+                                                       config.rope_theta, device)
+
+
+def timestep_sinusoid(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(...,) -> (..., dim) float32, [cos | sin] halves (CogVideoX: flip_sin_to_cos, shift 0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                           device=timesteps.device) / half)
+    angles = timesteps.float()[..., None] * freqs
+    emb = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoid of width hidden_dim -> Linear -> SiLU -> Linear to time_embed_dim."""
+
+    def __init__(self, hidden_dim: int, time_embed_dim: int):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.linear_1 = nn.Linear(hidden_dim, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        emb = timestep_sinusoid(timesteps, self.hidden_dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class PatchEmbed(nn.Module):
+    """Per-frame p x p patches -> tokens ordered (frame, row, column)."""
+
+    def __init__(self, in_channels: int, hidden_dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # (B, F, C, H, W) -> (B, F*h*w, D)
+        b, f = frames.shape[:2]
+        tokens = self.proj(frames.flatten(0, 1)).flatten(2).transpose(1, 2)
+        return tokens.reshape(b, -1, tokens.shape[-1])
+
+
+class ActionEmbed(nn.Module):
+    """Linear(action_dim -> D) + learned position per chunk row (+ optional robot-id embedding)."""
+
+    def __init__(self, action_dim: int, action_len: int, hidden_dim: int, num_robots: int = 0):
+        super().__init__()
+        self.proj = nn.Linear(action_dim, hidden_dim)
+        self.position = nn.Parameter(torch.randn(action_len, hidden_dim) * 0.02)
+        self.robot = nn.Embedding(num_robots, hidden_dim) if num_robots else None
+
+    def forward(self, actions: torch.Tensor, robot_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+        tokens = self.proj(actions) + self.position
+        if self.robot is not None:
+            tokens = tokens + self.robot(robot_id)[:, None, :]
+        return tokens
+
+
+class AdaLNModulate(nn.Module):
+    """Affine LayerNorm, then per-segment (1 + scale) and shift."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, shift, scale, ctx: ForwardContext):
+        return WF.adaln_modulate(x, shift, scale, ctx.segments, ctx.mod_index,
+                                 self.norm.weight, self.norm.bias, self.norm.eps)
+
+
+class GatedResidualAdaLN(nn.Module):
+    """r = residual + gate * x, then the next AdaLN on r; returns (r, modulated r)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, residual, x, gate, shift, scale, ctx: ForwardContext):
+        return WF.gated_residual_adaln(residual, x, gate, shift, scale, ctx.segments, ctx.mod_index,
+                                       self.norm.weight, self.norm.bias, self.norm.eps)
+
+
+class Attention(nn.Module):
+    """Fused QKV (bias) -> LayerNorm on q, k over head_dim -> RoPE on the video slice -> SDPA -> out proj."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm_eps: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.norm_q = nn.LayerNorm(head_dim, eps=qk_norm_eps)
+        self.norm_k = nn.LayerNorm(head_dim, eps=qk_norm_eps)
+        self.out = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x, ctx: ForwardContext):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = WF.qk_norm_rope(q, k, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight,
+                               self.norm_k.bias, ctx.rope_cos, ctx.rope_sin,
+                               ctx.rope_start, ctx.rope_end, self.norm_q.eps)
+        o = WF.attention(q, k, v, ctx.token_groups, ctx.token_groups, ctx.mask)
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, inner_dim)
+        self.proj_out = nn.Linear(inner_dim, dim)
+
+    def forward(self, x):
+        return self.proj_out(F.gelu(self.proj_in(x), approximate="tanh"))
+
+
+class WAMBlock(nn.Module):
+    """One CogVideoX-style expert-AdaLN block over text | video | action tokens.
+
+    ``adaln``: SiLU -> Linear(time_embed_dim -> 12 D), chunked as CogVideoX's two LayerNormZero
+    projections: for norm1 then norm2, (shift, scale, gate) of the video set then of the text set.
+    """
+
+    def __init__(self, config: WAMConfig):
+        super().__init__()
+        dim = config.hidden_dim
+        self.adaln = nn.Linear(config.time_embed_dim, 12 * dim)
+        self.norm1 = AdaLNModulate(dim, config.norm_eps)
+        self.attn = Attention(dim, config.num_heads, config.head_dim, config.qk_norm_eps)
+        self.norm2 = GatedResidualAdaLN(dim, config.norm_eps)
+        self.ff = FeedForward(dim, config.ffn_dim)
+
+    def modulation(self, temb: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """(B, S, E) per-segment time embeddings -> (B, S, 2 norms, 3 (shift, scale, gate), D)."""
+        b, s, _ = temb.shape
+        table = self.adaln(F.silu(temb)).view(b, s, 2, 2, 3, -1)  # (B, S, norm, set, 3, D)
+        return table.gather(3, ctx.adaln_half.view(1, s, 1, 1, 1, 1).expand(b, s, 2, 1, 3, table.shape[-1])).squeeze(3)
+
+    def forward(self, h, temb, ctx: ForwardContext):
+        mod = self.modulation(temb, ctx)
+        shift1, scale1, gate1 = mod[:, :, 0].unbind(2)
+        shift2, scale2, gate2 = mod[:, :, 1].unbind(2)
+        attn_out = self.attn(self.norm1(h, shift1, scale1, ctx), ctx)
+        h, y = self.norm2(h, attn_out, gate1, shift2, scale2, ctx)
+        return WF.gated_residual(h, self.ff(y), gate2, ctx.segments, ctx.mod_index)
+
+
+class OutputAdaLN(nn.Module):
+    """Final AdaLN of one modality: SiLU -> Linear(E -> 2D) gives (shift, scale) on an affine LayerNorm."""
+
+    def __init__(self, time_embed_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(time_embed_dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, temb):  # x (B, n, D), temb (B, E)
+        shift, scale = self.linear(F.silu(temb)).chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class WAMTransformer(nn.Module):
+    """Reference world action model (VideoVLA / CogVideoX-5B anatomy, DESIGN.md section 1).
+
+    forward(video, text, actions, timestep, image=None, history=None, robot_id=None)
+      video    (B, F, C, H, W) noisy latents; F = config.noisy_frames (all latent frames for
+               mask="full", the future ones, latent_frames - 1, for mask="temporal")
+      text     (B, text_len, text_dim) text-encoder embeddings (T5-XXL for VideoVLA)
+      actions  (B, action_len, action_dim) noisy action chunk
+      timestep (B,) denoising timestep in [0, num_train_timesteps), or (B, S) one per segment of
+               ``model.layout(...)`` (by default clean context segments get 0)
+      image    (B, 1, C, H, W) clean latent of the current observation. full: padded with zeros
+               to F frames and concatenated channel-wise (VideoVLA); temporal: its own clean segment.
+      history  (B, h, C, H, W) clean past frames, oldest first, h <= history_frames (temporal only)
+      robot_id (B,) long, when config.num_robots > 0
+    returns (video_out, action_out) shaped like video and actions: the v-prediction (or the flow
+    velocity when config.objective == "flow_matching").
+    """
+
+    def __init__(self, config: WAMConfig):
+        super().__init__()
+        if not isinstance(config, WAMConfig):
+            raise TypeError(f"WAMTransformer expects a WAMConfig, got {type(config).__name__}")
+        self.config = config
+        dim = config.hidden_dim
+        self.patch_embed = PatchEmbed(config.in_channels, dim, config.patch_size)
+        self.text_proj = nn.Linear(config.text_dim, dim)
+        self.action_embed = ActionEmbed(config.action_dim, config.action_len, dim, config.num_robots)
+        self.time_embed = TimestepEmbedding(dim, config.time_embed_dim)
+        self.blocks = nn.ModuleList(WAMBlock(config) for _ in range(config.num_layers))
+        self.norm_final = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.video_out_norm = OutputAdaLN(config.time_embed_dim, dim, config.norm_eps)
+        self.video_proj = nn.Linear(dim, config.patch_size ** 2 * config.latent_channels)
+        self.action_out_norm = OutputAdaLN(config.time_embed_dim, dim, config.norm_eps)
+        self.action_proj = nn.Linear(dim, config.action_dim)
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def layout(self, num_history: int = 0, has_image: bool = True) -> SegmentLayout:
+        """The segment layout of a forward with ``num_history`` history frames and an image or not."""
+        return build_layout(self.config, num_history, has_image)
+
+    def noisy_video_shape(self, batch: int) -> Tuple[int, ...]:
+        c = self.config
+        return (batch, c.noisy_frames, c.latent_channels, c.latent_height, c.latent_width)
+
+    def action_shape(self, batch: int) -> Tuple[int, ...]:
+        return (batch, self.config.action_len, self.config.action_dim)
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, video, text, actions, timestep, image=None, history=None, robot_id=None):
+        from wam_fast.models.validation import check_forward_inputs
+
+        c = self.config
+        timestep, layout = check_forward_inputs(self, video, text, actions, timestep, image, history, robot_id)
+        b = video.shape[0]
+        ctx = ForwardContext(layout, c, video.device)
+
+        tokens = [self.text_proj(text)]
+        if c.mask == "full":
+            if c.image_concat:
+                padded = torch.zeros_like(video) if image is None else F.pad(
+                    image, (0, 0, 0, 0, 0, 0, 0, video.shape[1] - 1))
+                video_in = torch.cat((video, padded), dim=2)
+            else:
+                video_in = video
+            tokens.append(self.patch_embed(video_in))
+        else:
+            # Clean frames see themselves as the image channels (what a full-mask teacher sees for
+            # frame 0 at t=0); future frames get zero image channels, as in the full layout.
+            clean = [frames for frames in (history, image) if frames is not None]
+            if clean:
+                clean = torch.cat(clean, dim=1)
+                tokens.append(self.patch_embed(torch.cat((clean, clean), dim=2) if c.image_concat else clean))
+            tokens.append(self.patch_embed(
+                torch.cat((video, torch.zeros_like(video)), dim=2) if c.image_concat else video))
+        tokens.append(self.action_embed(actions, robot_id))
+        h = torch.cat(tokens, dim=1)
+
+        temb = self.time_embed(timestep)  # (B, S, E)
+        for block in self.blocks:
+            h = block(h, temb, ctx)
+
+        h = self.norm_final(h)
+        video_start = layout.start("video")
+        video_len = layout.lengths[layout.index("video")]
+        v = self.video_out_norm(h[:, video_start:video_start + video_len], temb[:, layout.index("video")])
+        a = self.action_out_norm(h[:, -c.action_len:], temb[:, layout.index("actions")])
+        return self.unpatchify(self.video_proj(v), video.shape), self.action_proj(a)
+
+    def unpatchify(self, patches: torch.Tensor, video_shape) -> torch.Tensor:
+        """(B, F*h*w, C*p*p) -> (B, F, C, H, W); patch features ordered (C, p, p)."""
+        b, f, ch, height, width = video_shape
+        p = self.config.patch_size
+        x = patches.reshape(b, f, height // p, width // p, ch, p, p)
+        return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(b, f, ch, height, width)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        from wam_fast.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype=None) -> "WAMTransformer":
+        from wam_fast.checkpoint import load_pretrained
+
+        return load_pretrained(directory, device=device, dtype=dtype)

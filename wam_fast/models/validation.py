@@ -1,0 +1,89 @@
+"""Input checks for WAMTransformer.forward: every refusal says what was expected and what came."""
+from __future__ import annotations
+
+import torch
+
+from wam_fast.models.layout import SegmentLayout
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}"
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_tensor(name: str, t, expected_shape, dtype, device) -> None:
+    """expected_shape: a tuple of ints, None meaning any size on that axis."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    shape_text = "(" + ", ".join("*" if s is None else str(s) for s in expected_shape) + ")"
+    if t.dim() != len(expected_shape) or any(e is not None and e != s for e, s in zip(expected_shape, t.shape)):
+        raise ValueError(f"{name} must have shape {shape_text}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have the model's dtype {dtype}, got {t.dtype} "
+                        f"(convert the input or the model with .to(dtype))")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the model is on {device}; move them to one device")
+
+
+def check_forward_inputs(model, video, text, actions, timestep, image, history, robot_id):
+    """Validate one forward's inputs; returns (per-segment timesteps (B, S) float32, layout)."""
+    c = model.config
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"video must be a torch.Tensor (B, F, C, H, W), got {type(video).__name__}")
+    if video.dim() != 5:
+        raise ValueError(f"video must be 5-D (B, F, C, H, W), got {_describe(video)}")
+    b = video.shape[0]
+    _check_tensor("video", video, model.noisy_video_shape(b), dtype, device)
+    _check_tensor("text", text, (b, c.text_len, c.text_dim), dtype, device)
+    _check_tensor("actions", actions, model.action_shape(b), dtype, device)
+    frame = (b, None, c.latent_channels, c.latent_height, c.latent_width)
+    if image is not None:
+        _check_tensor("image", image, (b, 1) + frame[2:], dtype, device)
+    num_history = 0
+    if history is not None:
+        if c.mask != "temporal":
+            raise ValueError("history frames need a model with mask='temporal' (clean context segments); "
+                             f"this model has mask={c.mask!r}")
+        _check_tensor("history", history, frame, dtype, device)
+        num_history = history.shape[1]
+        if not 1 <= num_history <= c.history_frames:
+            raise ValueError(f"history must hold 1..{c.history_frames} frames (config.history_frames), "
+                             f"got {num_history}")
+    if c.num_robots:
+        if robot_id is None:
+            raise ValueError(f"this model has a robot-id embedding ({c.num_robots} robots): pass robot_id (B,)")
+        _check_tensor("robot_id", robot_id, (b,), None, device)
+        if robot_id.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"robot_id must be an integer tensor, got {robot_id.dtype}")
+    elif robot_id is not None:
+        raise ValueError("robot_id given but the model has no robot-id embedding (config.num_robots == 0)")
+
+    layout: SegmentLayout = model.layout(num_history, has_image=image is not None or c.mask == "full")
+    return _segment_timesteps(timestep, layout, b, device, c.num_train_timesteps), layout
+
+
+def _segment_timesteps(timestep, layout: SegmentLayout, batch: int, device, num_train_timesteps: int):
+    # Only metadata is checked for tensors: reading values would sync the GPU on every forward.
+    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        if not 0 <= timestep <= num_train_timesteps:
+            raise ValueError(f"timestep must lie in [0, {num_train_timesteps}], got {timestep}")
+        timestep = torch.full((batch,), float(timestep), device=device)
+    if not isinstance(timestep, torch.Tensor):
+        raise TypeError(f"timestep must be a number or a tensor (B,) or (B, S), got {type(timestep).__name__}")
+    if timestep.dtype == torch.bool or timestep.is_complex():
+        raise TypeError(f"timestep must be a real number tensor, got {timestep.dtype}")
+    if timestep.device != device:
+        raise ValueError(f"timestep is on {timestep.device} but the model is on {device}")
+    timestep = timestep.float()
+    s = layout.num_segments
+    if timestep.dim() == 0:
+        timestep = timestep.expand(batch)
+    if timestep.shape == (batch,):
+        timestep = layout.segment_timesteps(timestep)
+    elif timestep.shape != (batch, s):
+        raise ValueError(f"timestep must have shape ({batch},) or ({batch}, {s}) for segments "
+                         f"{layout.names}, got {tuple(timestep.shape)}")
+    return timestep
