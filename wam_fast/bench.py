@@ -1,0 +1,257 @@
+"""``python -m wam_fast.bench``: latency per action chunk on the default workload of this machine.
+
+Default: "videovla-5b" (W1) in bf16 on a GPU, "tiny" in fp32 on CPU; DDIM, 10 steps, CFG scale 6
+with cond and uncond batched (20 sample-forwards), batch 1. Weights and inputs are random: latency
+does not depend on weight values, and a 5B checkpoint is not needed to measure it.
+
+Each row is one way of running the model ("paper-baseline": the eager reference, as deployed in
+the VideoVLA paper). Later work adds rows to ``variants()`` (compiled, FP8, KV cache, few steps).
+``--json PATH`` writes ``{"device", "workload", "versions", "environment", "rows": [...]}``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+import wam_fast
+from wam_fast import configs
+from wam_fast.env import environment, versions
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Above this many parameters a CPU run needs --allow-cpu-large (W1: 5.57 B = 22 GB in fp32).
+CPU_PARAM_LIMIT = 1_000_000_000
+
+
+@dataclass
+class Variant:
+    """One row: how to turn the eager model into the thing we time, and how to call it."""
+
+    name: str
+    prepare: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
+    steps: Optional[int] = None  # None: --steps
+    fp8: bool = False
+    cache: bool = False
+    sample_kwargs: dict = field(default_factory=dict)
+
+
+def variants(args) -> List[Variant]:
+    """The rows to measure, in order (each later issue appends its own)."""
+    return [Variant("paper-baseline")]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    # Scoped: parameters are created directly in `dtype`, and the global default is restored.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def count_parameters(cfg) -> int:
+    """Parameter count from a meta-device build: no memory, no initialisation."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in wam_fast.WAMTransformer(cfg).parameters())
+
+
+def build_model(cfg, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    # Built on the target device in the target dtype: W1 in fp32 would be 22 GB before any cast.
+    with torch.device(device), default_dtype(dtype):
+        model = wam_fast.WAMTransformer(cfg)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(cfg, batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    generator = torch.Generator("cpu").manual_seed(seed)
+    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=generator)
+    image = torch.randn(batch, 1, cfg.latent_channels, cfg.latent_height, cfg.latent_width,
+                        generator=generator)
+    return {"text": text.to(device, dtype), "image": image.to(device, dtype)}
+
+
+def percentile(values: List[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int):
+    """Milliseconds of each of `repeats` calls after `warmup` calls, and the peak memory in bytes.
+
+    GPU: CUDA events around each call, peak = torch.cuda.max_memory_allocated (weights included).
+    CPU: perf_counter, peak = the process's maximum resident set size.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times, torch.cuda.max_memory_allocated(device)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times, peak_rss_bytes()
+
+
+def measure(variant: Variant, model, inputs: dict, cfg, args, device) -> dict:
+    timed = variant.prepare(model)
+    steps = variant.steps or args.steps
+    kwargs = dict(sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed)
+    kwargs.update(variant.sample_kwargs)
+    nfe = []
+
+    def run_chunk():
+        chunk = wam_fast.sample(timed, **inputs, **kwargs)
+        nfe.append(chunk.nfe)
+
+    with torch.inference_mode():
+        times, peak = time_calls(run_chunk, device, args.warmup, args.repeats)
+    return {
+        "name": variant.name,
+        "steps": steps,
+        "fp8": variant.fp8,
+        "cache": variant.cache,
+        "latency_ms": round(percentile(times, 50), 3),
+        "p90_ms": round(percentile(times, 90), 3),
+        "peak_mem_bytes": int(peak),
+        # context for the table; not needed to compare rows
+        "sampler": kwargs["sampler"],
+        "cfg_scale": kwargs["cfg_scale"],
+        "nfe": nfe[-1],
+        "tokens": cfg.num_tokens,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+    }
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_table(workload: str, rows: List[dict]) -> str:
+    head = ("name", "workload", "sampler", "steps", "nfe", "tokens", "median ms", "p90 ms", "peak mem")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = (r["name"], workload, r["sampler"], r["steps"], r["nfe"], r["tokens"],
+                 f"{r['latency_ms']:.1f}", f"{r['p90_ms']:.1f}", format_bytes(r["peak_mem_bytes"]))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def format_environment(env: dict, args) -> str:
+    device = env["device"] + (f" (sm {env['capability']}, driver {env['driver']})" if env["capability"] else "")
+    clocks = (f", SM clock {env['sm_clock_mhz']}/{env['sm_clock_max_mhz']} MHz"
+              if env.get("sm_clock_mhz") is not None else "")
+    return "\n".join([
+        f"device    {device}{clocks}",
+        f"versions  python {env['python']}, torch {env['torch']}, triton {env['triton'] or '-'}, "
+        f"cuda {env['cuda'] or '-'}, wam_fast {env['wam_fast']}, commit {env['commit'] or 'unknown'}",
+        f"run       workload {args.workload}, {args.dtype}, batch {args.batch}, "
+        f"{env['torch_threads']} torch threads / {env['cpu_count']} cpus, warmup {args.warmup}, "
+        f"repeats {args.repeats}, seed {args.seed}, random weights and inputs",
+    ])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m wam_fast.bench",
+        description="Latency per action chunk of the eager reference model (random weights: latency "
+                    "does not depend on weight values).")
+    parser.add_argument("--workload", choices=configs.names(),
+                        help="default: videovla-5b on a GPU, tiny on CPU")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on CPU")
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--cfg-scale", type=float, default=6.0,
+                        help="6: cond + uncond batched in each forward (2 sample-forwards per step)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--allow-cpu-large", action="store_true",
+                        help="run a multi-billion-parameter workload on CPU anyway")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    return parser, args
+
+
+def main(argv=None) -> dict:
+    parser, args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
+    args.workload = args.workload or ("videovla-5b" if on_gpu else "tiny")
+    args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = configs.get(args.workload)
+
+    if not on_gpu and not args.allow_cpu_large:
+        params = count_parameters(cfg)
+        if params > CPU_PARAM_LIMIT:
+            parser.exit(2, f"wam_fast.bench: refusing to run {args.workload} on CPU: {params / 1e9:.2f} B "
+                           f"parameters are {params * 4 / 1e9:.0f} GB in fp32 and a sample-forward takes "
+                           f"minutes. Run it on a GPU, use --workload tiny, or pass --allow-cpu-large.\n")
+
+    env = environment(str(device))
+    print("wam_fast bench: latency per action chunk")
+    print(format_environment(env, args), flush=True)
+
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, device, DTYPES[args.dtype])
+    inputs = make_inputs(cfg, args.batch, device, DTYPES[args.dtype], args.seed)
+    rows = [measure(v, model, inputs, cfg, args, device) for v in variants(args)]
+
+    print()
+    print(format_table(args.workload, rows))
+    result = {"device": env["device"], "workload": args.workload, "versions": versions(env),
+              "environment": env, "rows": rows}
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(f"\nwrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
