@@ -294,3 +294,19 @@ def test_model_is_built_from_named_swappable_pieces():
     out = model(**inputs)
     assert len(calls) == model.config.num_layers
     torch.testing.assert_close(out[0], reference[0], rtol=0, atol=0)
+
+
+def test_temporal_attention_with_a_cached_prefix_equals_the_full_run():
+    """Queries of the noisy tokens only, against every key (len(k) > len(q)): the rows match the
+    whole-sequence temporal attention, which is what a KV cache relies on."""
+    layout = tiny(mask="temporal", history_frames=1).layout(num_history=1)
+    groups = layout.token_groups()
+    n, noisy = layout.num_tokens, layout.lengths[-1] + layout.lengths[-2]
+    q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
+    full = WF.attention(q, k, v, groups, groups, mask="temporal")
+    suffix = WF.attention(q[:, :, -noisy:], k, v, groups[-noisy:], groups, mask="temporal")
+    torch.testing.assert_close(suffix, full[:, :, -noisy:], rtol=1e-6, atol=1e-6)
+    # the context rows never depend on the noisy keys
+    context = WF.attention(q[:, :, :-noisy], k[:, :, :-noisy], v[:, :, :-noisy], groups[:-noisy], groups[:-noisy],
+                           mask="temporal")
+    torch.testing.assert_close(context, full[:, :, :-noisy], rtol=1e-6, atol=1e-6)

@@ -104,3 +104,20 @@ def test_unknown_preset_and_non_config():
         wam_fast.configs.get("videovla-9b")
     with pytest.raises(TypeError, match="WAMTransformer expects a WAMConfig, got dict"):
         wam_fast.WAMTransformer({"num_layers": 2})
+
+
+def test_bad_layouts(model, temporal_model):
+    with pytest.raises(ValueError, match="history frames need mask='temporal'"):
+        model.layout(num_history=1)
+    with pytest.raises(ValueError, match=r"num_history must be in \[0, 2\] \(config.history_frames\), got 3"):
+        temporal_model.layout(num_history=3)
+
+
+def test_attention_reference_refuses_unknown_masks_and_missing_segments():
+    from wam_fast.models import functional as WF
+
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="mask must be 'full' or 'temporal', got 'causal'"):
+        WF.attention(q, q, q, mask="causal")
+    with pytest.raises(ValueError, match=r"mask='temporal' needs q_segments and k_segments"):
+        WF.attention(q, q, q, mask="temporal")

@@ -71,11 +71,18 @@ def build_layout(config, num_history: int = 0, has_image: bool = True) -> Segmen
     """The layout of one forward of a model with ``config``.
 
     full:     text | video (all frames, noisy) | actions          groups 0 | 1 | 1
+              (the image is concatenated channel-wise, zeros without one: ``has_image`` is moot)
     temporal: text | history | current | video (future) | actions  groups 0 | 1 | 2 | 3 | 3
     RoPE frame positions count from the oldest history slot: the current frame sits at
     ``config.history_frames`` whatever the number of history frames present, so a frame keeps its
     position relative to the current one (history frame i steps back is at history_frames - i).
     """
+    if config.mask == "full" and num_history:
+        raise ValueError(f"history frames need mask='temporal'; the full (VideoVLA) layout has none, "
+                         f"got num_history={num_history}")
+    if not 0 <= num_history <= config.history_frames:
+        raise ValueError(f"num_history must be in [0, {config.history_frames}] (config.history_frames), "
+                         f"got {num_history}")
     tpf = config.tokens_per_frame
     if config.mask == "full":
         frames = config.latent_frames
