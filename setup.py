@@ -94,7 +94,7 @@ if __name__ == "__main__":
             "nvidia-ml-py",
         ],
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "hypothesis"],
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers"],  # diffusers: the CogVideoX equivalence test
             "diffusers": ["diffusers"],
             "sim": ["metaworld", "packaging"],
             "flash": ["flash-attn"],
