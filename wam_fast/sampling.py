@@ -75,7 +75,7 @@ class Sampler(abc.ABC):
         """The state after step i, from the state x at timesteps[i] and the model's output there."""
 
     def _x0_eps(self, i: int, x: torch.Tensor, model_out: torch.Tensor):
-        return self.schedule.to_x0_eps(x, model_out, torch.tensor(self.timesteps[i]))
+        return self.schedule.x0_eps_at(x, model_out, self.alphas[i], self.sigmas[i])
 
 
 class DDIMSampler(Sampler):

@@ -128,7 +128,11 @@ class DDPMSchedule(_Schedule):
                   t: Timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x0, noise) from x_t and a v-prediction: x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v."""
         alpha, sigma = self.alpha_sigma(t)
-        alpha, sigma = _expand(alpha, x_t), _expand(sigma, x_t)
+        return self.x0_eps_at(x_t, model_out, _expand(alpha, x_t), _expand(sigma, x_t))
+
+    @staticmethod
+    def x0_eps_at(x_t, model_out, alpha, sigma):
+        """to_x0_eps with alpha, sigma given (python floats in samplers: no table lookup or copy per step)."""
         return alpha * x_t - sigma * model_out, sigma * x_t + alpha * model_out
 
     def sampling_timesteps(self, steps: int) -> List[float]:
@@ -173,8 +177,13 @@ class FlowMatchingSchedule(_Schedule):
     def to_x0_eps(self, x_t: torch.Tensor, model_out: torch.Tensor,
                   t: Timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x0, noise) from x_t and a velocity: x0 = x_t - s v, noise = x_t + (1 - s) v."""
-        s = _expand(self.alpha_sigma(t)[1], x_t)
-        return x_t - s * model_out, x_t + (1 - s) * model_out
+        alpha, sigma = self.alpha_sigma(t)
+        return self.x0_eps_at(x_t, model_out, _expand(alpha, x_t), _expand(sigma, x_t))
+
+    @staticmethod
+    def x0_eps_at(x_t, model_out, alpha, sigma):
+        """to_x0_eps with alpha = 1 - s, sigma = s given (python floats in samplers)."""
+        return x_t - sigma * model_out, x_t + alpha * model_out
 
     def sampling_timesteps(self, steps: int) -> List[float]:
         """Uniform in s from 1 (pure noise) down to 1/steps, in model units t = s T."""
