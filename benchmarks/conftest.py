@@ -1,6 +1,11 @@
 """Benchmarks (`pytest benchmarks/ --benchmark-only`): the environment goes beside every number."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU (small shapes only)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

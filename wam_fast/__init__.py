@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 # public name -> (module, attribute); resolved lazily so `import wam_fast` stays lean.
 _LAZY = {
     "configs": ("wam_fast.configs", None),
+    "ops": ("wam_fast.ops", None),
     "WAMConfig": ("wam_fast.configs", "WAMConfig"),
     "WAMTransformer": ("wam_fast.models.transformer", "WAMTransformer"),
     "SegmentLayout": ("wam_fast.models.layout", "SegmentLayout"),

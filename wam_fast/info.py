@@ -119,8 +119,30 @@ def optional_section():
     return "optional packages", rows
 
 
+def ops_section():
+    """Each fused op's backends in priority order: available here, or why not."""
+    import wam_fast.ops
+
+    rows = [{"name": f"{r['op']} / {r['backend']}", "status": r["status"], "detail": r["detail"]}
+            for r in wam_fast.ops.backend_table()]
+    return "ops (backends in priority order: cuda, triton, torch)", rows
+
+
+def fallbacks_section():
+    """Fallbacks taken in this process (when report() is called from a program that ran ops)."""
+    import wam_fast.ops
+
+    taken = wam_fast.ops.fallbacks()
+    if not taken:
+        return "fallbacks taken in this process", [{"name": "none", "status": "", "detail": ""}]
+    return "fallbacks taken in this process", [
+        {"name": f"{f['op']} -> {f['backend']}", "status": f"{f['count']} calls", "detail": " | ".join(f["skipped"])}
+        for f in taken]
+
+
 # Order of the report; append a function to add a section.
-SECTIONS = [versions_section, device_section, extension_section, triton_section, optional_section]
+SECTIONS = [versions_section, device_section, extension_section, triton_section, ops_section,
+            fallbacks_section, optional_section]
 
 
 def report() -> list:

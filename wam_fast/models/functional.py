@@ -100,3 +100,22 @@ def attention(q, k, v, q_segments: Optional[torch.Tensor] = None, k_segments: Op
     if q_segments is None or k_segments is None:
         raise ValueError("mask='temporal' needs q_segments and k_segments (per-token segment ids)")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=temporal_mask(q_segments, k_segments))
+
+
+FP8_E4M3_MAX = 448.0
+FP8_MIN_SCALE = 1e-12  # floor on a row's scale: an all-zero row quantizes to zeros, never NaN
+
+
+def quantize_rowwise(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dim) symmetric FP8 e4m3: x ~= x_fp8.float() * scale, scale (..., 1) float32.
+
+    scale = max(amax(|row|) / 448, 1e-12); fused kernels quantize their output the same way.
+    """
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(FP8_MIN_SCALE)
+    return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def ffn_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The FFN's first half: gelu_tanh(x @ weight.T + bias), weight (Nout, K) in nn.Linear layout."""
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")

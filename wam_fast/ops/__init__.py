@@ -1,0 +1,37 @@
+"""Fused ops (DESIGN.md section 5), one name each across kernel, dispatch, test and benchmark:
+
+    op                     Triton kernel               dispatch + custom op          CUDA (csrc/)
+    adaln_modulate         kernels/adaln_modulate.py   wam_fast/ops/adaln_modulate.py   adaln_modulate.cu
+    gated_residual_adaln   kernels/gated_residual_adaln.py  ...                      gated_residual_adaln.cu
+    qk_norm_rope           kernels/qk_norm_rope.py     ...                           qk_norm_rope.cu
+    attention              kernels/attention.py        ...                           -
+    ffn_gelu               kernels/ffn_gelu.py         ...                           -
+
+Tests: tests/test_<name>.py; benchmarks: benchmarks/bench_<name>.py; the float32 references are in
+wam_fast/models/functional.py. ``wam_fast.ops.<name>`` is the function; the module holding it and
+its ``BACKENDS`` is ``importlib.import_module("wam_fast.ops.<name>")``. Each op is a
+``torch.library.custom_op`` (``torch.ops.wam_fast.<name>``) with a fake kernel, so torch.compile (fullgraph) and CUDA graphs see one op; the Python function here
+checks its inputs first and raises a message naming what was expected and what came.
+Backends: CUDA extension where built, Triton, torch (``_registry``); ``use_backend`` forces one.
+"""
+from wam_fast.ops._registry import fallbacks, use_backend
+from wam_fast.ops.adaln_modulate import adaln_modulate
+from wam_fast.ops.attention import attention
+from wam_fast.ops.ffn_gelu import ffn_gelu
+from wam_fast.ops.gated_residual_adaln import gated_residual_adaln
+from wam_fast.ops.qk_norm_rope import qk_norm_rope
+
+OPS = ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention", "ffn_gelu")
+
+
+def backend_table() -> list:
+    """Every op's backends on this machine: [{"op", "backend", "status", "detail"}]."""
+    import importlib
+
+    rows = []
+    for name in OPS:
+        rows += importlib.import_module(f"wam_fast.ops.{name}").BACKENDS.table()
+    return rows
+
+
+__all__ = list(OPS) + ["backend_table", "fallbacks", "use_backend"]

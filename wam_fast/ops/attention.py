@@ -1,0 +1,133 @@
+"""``attention(q, k, v, q_segments=None, k_segments=None, mask="full")``: softmax(q k^T / sqrt(hd)) v.
+
+Semantics (DESIGN.md section 5, reference ``wam_fast.models.functional.attention``, i.e. SDPA):
+q (B, H, Nq, hd), k and v (B, H, Nk, hd) with Nk >= Nq (a cached prefix: the keys of context tokens
+come first). ``mask="full"``: every query sees every key. ``mask="temporal"``: q_segments (Nq,) and
+k_segments (Nk,) integer segment ids; a query of segment i sees the keys of segments <= i (by id, not
+position; ids need not be sorted). A query that sees no key at all gets zeros (SDPA would give NaN).
+The output is a fresh (B, H, Nq, hd) tensor in q's dtype. Backends: Triton (flash-style forward,
+online softmax, fp32 accumulation, fully masked key blocks skipped), torch (SDPA).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from wam_fast.models import functional as WF
+from wam_fast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
+from wam_fast.ops._registry import OpBackends, device_reasons, kernel_module
+
+OP = "attention"
+BACKENDS = OpBackends(OP)
+MASKS = ("full", "temporal")
+HEAD_DIMS = (16, 32, 64, 128, 256)  # the Triton kernel's tiles: powers of two, one tile per head
+SEGMENT_DTYPES = (torch.int32, torch.int64)
+
+
+def _kernel_module():
+    """The Triton launcher module kernels/attention.py (imports triton: loaded on first use)."""
+    return kernel_module("attention")
+
+
+def _head_dim_reason(hd: int) -> Optional[str]:
+    if hd not in HEAD_DIMS:
+        return f"head_dim {hd} is not supported (takes {list(HEAD_DIMS)}: powers of two up to 256)"
+    return None
+
+
+# ---- backends ------------------------------------------------------------------------------------
+def _run_triton(q, k, v, q_segments, k_segments, mask):
+    return _kernel_module().attention(q, k, v, q_segments, k_segments, temporal=(mask == "temporal"))
+
+
+def _rejects_triton(q, k, v, q_segments, k_segments, mask) -> List[str]:
+    reasons = device_reasons("triton", q, k, v, q_segments, k_segments)
+    if q.dtype not in FLOAT_DTYPES:
+        reasons.append(f"dtype {q.dtype} (takes float32, float16, bfloat16)")
+    why = _head_dim_reason(q.shape[-1])
+    if why:
+        reasons.append(why)
+    return reasons
+
+
+def _run_torch(q, k, v, q_segments, k_segments, mask):
+    out = WF.attention(q, k, v, q_segments, k_segments, mask)
+    if mask == "temporal" and out.numel():
+        # a query sees some key iff the smallest key segment id is <= its own; SDPA gives NaN (or,
+        # in some PyTorch versions, zeros) for a query that sees none: make it zeros everywhere
+        sees_any = k_segments.min() <= q_segments
+        out = torch.where(sees_any[:, None], out, out.new_zeros(()))
+    # SDPA may return strided outputs for strided inputs; the fake kernel (and torch.compile) says contiguous
+    return out.contiguous()
+
+
+BACKENDS.register("triton", _run_triton, _rejects_triton,
+                  supports="fp32 (IEEE, no TF32 unless allowed)/fp16/bf16; head_dim 16, 32, 64, 128, 256; any "
+                           "lengths, strided q/k/v (unit last-dim stride); full or temporal (skips masked key blocks)")
+BACKENDS.register("torch", _run_torch, supports="any float dtype and device (SDPA, boolean mask for temporal)")
+
+
+# ---- custom op -----------------------------------------------------------------------------------
+@torch.library.custom_op("wam_fast::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Optional[torch.Tensor],
+                 k_segments: Optional[torch.Tensor], mask: str) -> torch.Tensor:
+    return BACKENDS(q, k, v, q_segments, k_segments, mask)
+
+
+@attention_op.register_fake
+def _(q, k, v, q_segments, k_segments, mask):
+    return q.new_empty(q.shape)
+
+
+# ---- public function -------------------------------------------------------------------------------
+def _check_segments(name: str, seg, length: int, what: str, q: torch.Tensor) -> None:
+    if seg is None:
+        raise ValueError(f"wam_fast.ops.{OP}: mask='temporal' needs q_segments and k_segments (per-token "
+                         f"segment ids), got {name}=None")
+    if not isinstance(seg, torch.Tensor):
+        raise TypeError(f"wam_fast.ops.{OP}: {name} must be a torch.Tensor of segment ids, got {type(seg).__name__}")
+    if seg.dtype not in SEGMENT_DTYPES:
+        raise TypeError(f"wam_fast.ops.{OP}: {name} must be int32 or int64 segment ids, got {seg.dtype}")
+    if seg.dim() != 1 or seg.shape[0] != length:
+        raise ValueError(f"wam_fast.ops.{OP}: {name} must have shape ({length},) (one id per {what}), "
+                         f"got {tuple(seg.shape)}")
+    if seg.device != q.device:
+        raise ValueError(f"wam_fast.ops.{OP}: {name} is on {seg.device} but q is on {q.device}; put them on one device")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Optional[torch.Tensor] = None,
+              k_segments: Optional[torch.Tensor] = None, mask: str = "full") -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over (B, H, N, hd) tensors; see the module docstring.
+
+    q (B, H, Nq, hd); k, v (B, H, Nk, hd) with Nk >= Nq, same dtype and device; head_dim a power of
+    two up to 256. ``mask="temporal"``: q_segments (Nq,), k_segments (Nk,) int32/int64 ids, a query of
+    segment i sees keys of segments <= i; with ``mask="full"`` segments are ignored. Rows that see no
+    key are zeros. Strided views (unit last-dim stride) are read in place. Returns (B, H, Nq, hd).
+    """
+    check_tensor(OP, "q", q, ndim=4)
+    check_tensor(OP, "k", k, ndim=4)
+    check_tensor(OP, "v", v, ndim=4)
+    check_same(OP, "q", q, k=k, v=v)
+    b, h, nq, hd = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"wam_fast.ops.{OP}: k and v must have the same shape (B, H, Nk, hd), got "
+                         f"k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != hd:
+        raise ValueError(f"wam_fast.ops.{OP}: k/v must be (B, H, Nk, hd) = ({b}, {h}, *, {hd}) like q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    nk = k.shape[2]
+    if nk < nq:
+        raise ValueError(f"wam_fast.ops.{OP}: k/v have {nk} keys but q has {nq} queries; Nk >= Nq is required "
+                         f"(the queries' own keys are the last Nq, a cached prefix comes first)")
+    why = _head_dim_reason(hd)
+    if why:
+        raise ValueError(f"wam_fast.ops.{OP}: {why}; got q {tuple(q.shape)}")
+    if not isinstance(mask, str) or mask not in MASKS:
+        raise ValueError(f"wam_fast.ops.{OP}: mask must be one of {MASKS}, got {mask!r}")
+    if mask == "temporal":
+        _check_segments("q_segments", q_segments, nq, "query", q)
+        _check_segments("k_segments", k_segments, nk, "key", q)
+    else:
+        q_segments = k_segments = None
+    return torch.ops.wam_fast.attention.default(q, k, v, q_segments, k_segments, mask)

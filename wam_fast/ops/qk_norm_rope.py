@@ -1,0 +1,168 @@
+"""qk_norm_rope: affine LayerNorm over head_dim on q and on k (B, H, N, hd), then interleaved RoPE
+(pairs (x0, x1), (x2, x3), ...: out = x * cos + rotate(x) * sin, rotate(x)[2i] = -x[2i+1],
+rotate(x)[2i+1] = x[2i]) on the tokens [rope_start, rope_end) only, with float32 cos, sin tables
+(rope_end - rope_start, hd); other tokens are only normalised (DESIGN.md section 5). Returns fresh
+contiguous (q_out, k_out) in the input dtype; q and k may be strided views (e.g. of the fused qkv).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from wam_fast.models import functional
+from wam_fast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
+from wam_fast.ops._registry import OpBackends, device_reasons, kernel_module
+
+OP = "qk_norm_rope"
+MAX_HEAD_DIM = 256
+BACKENDS = OpBackends(OP)
+
+
+def _tensors(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin):
+    return (q, k, q_weight, q_bias, k_weight, k_bias, cos, sin)
+
+
+def _head_dim_reasons(hd: int) -> List[str]:
+    if hd % 2 or hd > MAX_HEAD_DIM or hd <= 0:
+        return [f"head_dim must be even and <= {MAX_HEAD_DIM}, got {hd}"]
+    return []
+
+
+# ---- cuda: wam_fast._C.qk_norm_rope (csrc/qk_norm_rope.cu) -------------------------------------
+def _cuda_rejects(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps) -> List[str]:
+    reasons = device_reasons("cuda", *_tensors(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin))
+    reasons += _head_dim_reasons(q.shape[-1])
+    if q.dtype not in FLOAT_DTYPES:
+        reasons.append(f"dtype must be float32/float16/bfloat16, got {q.dtype}")
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1:
+            reasons.append(f"{name} needs last-dim stride 1, got strides {tuple(t.stride())}")
+    for name, t in (("q_weight", q_weight), ("q_bias", q_bias), ("k_weight", k_weight), ("k_bias", k_bias)):
+        if t is not None and (t.dtype != q.dtype or not t.is_contiguous()):
+            reasons.append(f"{name} must be contiguous {q.dtype}, got {t.dtype}"
+                           f"{'' if t.is_contiguous() else ' non-contiguous'}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            reasons.append(f"{name} must be contiguous float32")
+    return reasons
+
+
+def _cuda_run(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps):
+    from wam_fast import _C
+
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if q.numel() == 0:  # nothing to launch
+        return q_out, k_out
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    _C.qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, int(rope_start), int(rope_end),
+                    float(eps), q_out, k_out, stream)
+    return q_out, k_out
+
+
+# ---- triton: kernels/qk_norm_rope.py ---------------------------------------------------------------
+def triton_kernels():
+    """The Triton launcher module kernels/qk_norm_rope.py (imports triton: loaded on first use)."""
+    return kernel_module("qk_norm_rope")
+
+
+def _triton_rejects(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps) -> List[str]:
+    reasons = device_reasons("triton", *_tensors(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin))
+    reasons += _head_dim_reasons(q.shape[-1])
+    if q.dtype not in FLOAT_DTYPES:
+        reasons.append(f"dtype must be float32/float16/bfloat16, got {q.dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            reasons.append(f"{name} must be contiguous float32")
+    for name, t in (("q_weight", q_weight), ("q_bias", q_bias), ("k_weight", k_weight), ("k_bias", k_bias)):
+        if t is not None and t.stride(-1) != 1:
+            reasons.append(f"{name} must have stride 1")
+    # offsets inside a tile (<= 8192 // hd_pad tokens) are int32 in the kernel
+    hd_pad = 1 << max(q.shape[-1] - 1, 0).bit_length()
+    for name, t in (("q", q), ("k", k)):
+        if (8192 // hd_pad) * t.stride(2) + t.shape[-1] * t.stride(3) >= 2 ** 31:
+            reasons.append(f"{name}'s strides {tuple(t.stride())} overflow the kernel's int32 tile offsets")
+    return reasons
+
+
+def _triton_run(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps):
+    return triton_kernels().qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin,
+                                         int(rope_start), int(rope_end), float(eps))
+
+
+# ---- torch: the reference, in the input dtype --------------------------------------------------
+def _torch_run(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps):
+    q_out, k_out = functional.qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin,
+                                           rope_start, rope_end, eps)
+    return q_out.contiguous(), k_out.contiguous()
+
+
+BACKENDS.register("cuda", _cuda_run, _cuda_rejects,
+                  "fp32/fp16/bf16; even head_dim <= 256; q, k any strides with last-dim stride 1")
+BACKENDS.register("triton", _triton_run, _triton_rejects,
+                  "fp32/fp16/bf16; even head_dim <= 256; q, k any strides")
+BACKENDS.register("torch", _torch_run, None,
+                  "fp32/fp16/bf16, any strides (wam_fast.models.functional, in the input dtype)")
+
+
+# ---- custom op ---------------------------------------------------------------------------------
+@torch.library.custom_op("wam_fast::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.Tensor],
+                     q_bias: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+                     k_bias: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                     rope_start: int, rope_end: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return BACKENDS(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+# ---- public function ---------------------------------------------------------------------------
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"wam_fast.ops.{OP}: {name} must be an int, got {type(value).__name__} {value!r}")
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.Tensor],
+                 q_bias: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+                 k_bias: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                 rope_start: int, rope_end: int, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm(q), LayerNorm(k) over head_dim (affine; weights/biases (hd,) or None), then
+    interleaved RoPE on tokens [rope_start, rope_end) with float32 cos, sin (rope_end - rope_start, hd).
+
+    q, k: (B, H, N, hd), same shape, dtype (float32/float16/bfloat16) and device; any strides (views
+    of the fused qkv projection are read in place). Returns contiguous (q_out, k_out) in q's dtype.
+    """
+    check_tensor(OP, "q", q, ndim=4)
+    check_tensor(OP, "k", k, ndim=4)
+    if k.shape != q.shape:
+        raise ValueError(f"wam_fast.ops.{OP}: k must have q's shape {tuple(q.shape)} (B, H, N, head_dim), "
+                         f"got {tuple(k.shape)}")
+    check_same(OP, "q", q, k=k)
+    _, _, n, hd = q.shape
+    if hd % 2 or hd > MAX_HEAD_DIM or hd == 0:
+        raise ValueError(f"wam_fast.ops.{OP}: head_dim (q.shape[-1]) must be even and <= {MAX_HEAD_DIM} "
+                         f"(RoPE rotates pairs), got {hd}")
+    for name, t in (("q_weight", q_weight), ("q_bias", q_bias), ("k_weight", k_weight), ("k_bias", k_bias)):
+        if t is not None:
+            check_tensor(OP, name, t, shape=(hd,))
+    check_same(OP, "q", q, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias)
+    _check_int("rope_start", rope_start)
+    _check_int("rope_end", rope_end)
+    if not 0 <= rope_start <= rope_end <= n:
+        raise ValueError(f"wam_fast.ops.{OP}: need 0 <= rope_start <= rope_end <= N = {n} (q.shape[2]), "
+                         f"got rope_start={rope_start}, rope_end={rope_end}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(OP, name, t, shape=(rope_end - rope_start, hd), dtypes=(torch.float32,))
+    check_same(OP, "q", q, dtype=False, cos=cos, sin=sin)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"wam_fast.ops.{OP}: eps must be a float, got {type(eps).__name__} {eps!r}")
+    if not eps >= 0:
+        raise ValueError(f"wam_fast.ops.{OP}: eps must be >= 0, got {eps}")
+    q_weight, q_bias, k_weight, k_bias = (None if t is None else t.contiguous()
+                                          for t in (q_weight, q_bias, k_weight, k_bias))
+    return torch.ops.wam_fast.qk_norm_rope.default(q, k, q_weight, q_bias, k_weight, k_bias, cos.contiguous(),
+                                                   sin.contiguous(), rope_start, rope_end, float(eps))
