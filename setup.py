@@ -24,10 +24,9 @@ def cuda_build_reason(env=None, root=ROOT):
     env = os.environ if env is None else env
     if env.get("WAM_FAST_SKIP_CUDA_BUILD") == "1":
         return "WAM_FAST_SKIP_CUDA_BUILD=1"
-    # The kernel bodies in csrc/*.cu are pure CUDA; they become an extension only together with
-    # the torch binding (csrc/binding.cpp), which arrives with the kernels issue.
+    # The kernel bodies (csrc/*.cu, pure CUDA) become an extension through csrc/binding.cpp.
     if not os.path.exists(os.path.join(root, "csrc", "binding.cpp")):
-        return "no torch binding yet (csrc/binding.cpp is missing)"
+        return "csrc/binding.cpp is missing (a partial source tree?)"
     try:
         import torch
     except ImportError:
