@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from wam_fast.models import functional as WF  # the tests' reference
-from wam_fast.ops._registry import cuda_extension_reason, use_backend
 
 op_module = importlib.import_module("wam_fast.ops.adaln_modulate")
 
@@ -23,7 +22,7 @@ IMPLS = ["wam_fast", "torch-eager", "torch-compile", "triton", "cuda"]
 MOD_INDEX = (1, 0, 0)  # text uses set 1, video and actions set 0 (repeated set)
 
 
-def reference(x, shift, scale, segments, mod_index, weight, bias, fp8):
+def reference(x, shift, scale, segments, mod_index, weight, bias, fp8=False):
     y = WF.adaln_modulate(x, shift, scale, segments, mod_index, weight, bias)
     return WF.quantize_rowwise(y) if fp8 else y
 
@@ -55,25 +54,12 @@ def bytes_moved(x, shift, weight, fp8):
 def test_adaln_modulate(benchmark, device, impl, out):
     on_gpu = device.type == "cuda"
     fp8 = out == "fp8"
-    if impl in ("triton", "cuda") and not on_gpu:
-        pytest.skip(f"forced {impl} is timed on a GPU only (on CPU Triton runs interpreted)")
-    if impl == "cuda" and cuda_extension_reason() is not None:
-        pytest.skip(f"cuda backend: {cuda_extension_reason()}")
     if impl == "torch-compile" and fp8 and not on_gpu:
         pytest.skip("one torch.compile per file on CPU (a first compile costs ~25 s)")
     args, info = make_inputs(device)
 
-    if impl == "torch-eager":
-        fn = lambda: reference(*args, fp8)  # noqa: E731
-    elif impl == "torch-compile":
-        compiled = op_bench.compiled(reference)
-        fn = lambda: compiled(*args, fp8)  # noqa: E731
-    else:
-        backend = None if impl == "wam_fast" else impl
-
-        def fn():
-            with use_backend(backend):
-                return op_module.adaln_modulate(*args, fp8=fp8)
+    impl_fn = op_bench.implementation(impl, op_module.adaln_modulate, reference, device)
+    fn = lambda: impl_fn(*args, fp8=fp8)  # noqa: E731
 
     result = op_bench.run(benchmark, fn, device, bytes_moved=bytes_moved(args[0], args[1], args[5], fp8),
                           impl=impl, out=out, **info)

@@ -16,7 +16,6 @@ import torch
 import op_bench  # benchmarks/op_bench.py (pytest puts benchmarks/ on sys.path)
 from wam_fast.models.functional import attention as reference
 from wam_fast.models.functional import temporal_mask
-from wam_fast.ops._registry import use_backend
 
 ops = importlib.import_module("wam_fast.ops.attention")  # wam_fast.ops.attention is the function
 
@@ -24,26 +23,10 @@ IMPLS = ["wam_fast", "torch-eager", "torch-compile", "triton"]  # no CUDA kernel
 CASES = ["full", "temporal-cached", "temporal"]
 
 
-def _impl(name, device):
-    if name == "triton" and device.type != "cuda":
-        pytest.skip("forced triton is timed on a GPU only (on CPU, wam_fast runs it interpreted)")
-    if name == "torch-eager":
-        return reference
-    if name == "torch-compile":
-        return op_bench.compiled(reference)
-    if name == "wam_fast":
-        return ops.attention
-
-    def forced(*args):
-        with use_backend(name):
-            return ops.attention(*args)
-    return forced
-
-
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention(benchmark, device, impl, case):
-    fn = _impl(impl, device)
+    fn = op_bench.implementation(impl, ops.attention, reference, device)
     s = op_bench.shapes(device)
     b, h, hd, nk = s["batch"], s["heads"], s["head_dim"], s["tokens"]
     nq = s["noisy_tokens"] if case == "temporal-cached" else nk

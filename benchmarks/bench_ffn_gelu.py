@@ -12,33 +12,16 @@ import torch
 
 import op_bench  # benchmarks/op_bench.py (pytest puts benchmarks/ on sys.path)
 from wam_fast.models.functional import ffn_gelu as reference
-from wam_fast.ops._registry import use_backend
 
 ops = importlib.import_module("wam_fast.ops.ffn_gelu")
 
 IMPLS = ["wam_fast", "torch-eager", "torch-compile", "triton"]  # no CUDA kernel: the Triton matmul is the kernel
 
 
-def _impl(name, device):
-    if name == "triton" and device.type != "cuda":
-        pytest.skip("forced triton is timed on a GPU only (on CPU, wam_fast runs it interpreted)")
-    if name == "torch-eager":
-        return reference
-    if name == "torch-compile":
-        return op_bench.compiled(reference)
-    if name == "wam_fast":
-        return ops.ffn_gelu
-
-    def forced(*args):
-        with use_backend(name):
-            return ops.ffn_gelu(*args)
-    return forced
-
-
 @pytest.mark.parametrize("rows", ["tokens", "noisy_tokens"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ffn_gelu(benchmark, device, impl, rows):
-    fn = _impl(impl, device)
+    fn = op_bench.implementation(impl, ops.ffn_gelu, reference, device)
     s = op_bench.shapes(device)
     M, K, N = s[rows], s["dim"], s["ffn_dim"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from wam_fast.models.functional import qk_norm_rope as reference  # the tests' reference
-from wam_fast.ops._registry import cuda_extension_reason, use_backend
 
 op_module = importlib.import_module("wam_fast.ops.qk_norm_rope")
 
@@ -40,24 +39,9 @@ def make_inputs(device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_qk_norm_rope(benchmark, device, impl):
-    on_gpu = device.type == "cuda"
-    if impl in ("triton", "cuda") and not on_gpu:
-        pytest.skip(f"forced {impl} is timed on a GPU only (on CPU Triton runs interpreted)")
-    if impl == "cuda" and cuda_extension_reason() is not None:
-        pytest.skip(f"cuda backend: {cuda_extension_reason()}")
     args, bytes_moved, info = make_inputs(device)
-
-    if impl == "torch-eager":
-        fn = lambda: reference(*args)  # noqa: E731
-    elif impl == "torch-compile":
-        compiled = op_bench.compiled(reference)
-        fn = lambda: compiled(*args)  # noqa: E731
-    else:
-        backend = None if impl == "wam_fast" else impl
-
-        def fn():
-            with use_backend(backend):
-                return op_module.qk_norm_rope(*args)
+    impl_fn = op_bench.implementation(impl, op_module.qk_norm_rope, reference, device)
+    fn = lambda: impl_fn(*args)  # noqa: E731
 
     q_out, k_out = op_bench.run(benchmark, fn, device, bytes_moved=bytes_moved, impl=impl, **info)
     assert q_out.shape == args[0].shape and k_out.dtype == args[0].dtype

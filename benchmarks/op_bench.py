@@ -24,18 +24,38 @@ def shapes(device: torch.device) -> dict:
 
 
 def cuda_median_ms(fn, warmup: int = 10, iters: int = 50) -> float:
-    """Median of per-call CUDA-event times (ms) after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    """Median of per-call CUDA-event times (ms) after warm-up (wam_fast.bench's timer)."""
+    from wam_fast.bench import time_calls
+
+    times, _ = time_calls(fn, torch.device("cuda"), warmup, iters)
     return statistics.median(times)
+
+
+def implementation(name: str, op, reference, device: torch.device):
+    """The callable a benchmark times: "wam_fast" (auto dispatch), "torch-eager" (the test reference),
+    "torch-compile" (of the reference), or a forced backend ("triton", "cuda"; GPU only)."""
+    import pytest
+
+    from wam_fast.ops import use_backend
+
+    if name == "torch-eager":
+        return reference
+    if name == "torch-compile":
+        return compiled(reference)
+    if name == "wam_fast":
+        return op
+    if device.type != "cuda":
+        pytest.skip(f"forced {name} is timed on a GPU only (on CPU, Triton runs interpreted)")
+    if name == "cuda":
+        from wam_fast.ops._registry import cuda_extension_reason
+
+        if cuda_extension_reason() is not None:
+            pytest.skip(f"cuda backend: {cuda_extension_reason()}")
+
+    def forced(*args, **kwargs):
+        with use_backend(name):
+            return op(*args, **kwargs)
+    return forced
 
 
 @functools.lru_cache(maxsize=None)
