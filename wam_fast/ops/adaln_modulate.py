@@ -115,7 +115,7 @@ def last_dim_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
-def _empty_scale(x: torch.Tensor) -> torch.Tensor:
+def empty_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.empty((0,), dtype=torch.float32, device=x.device)
 
 
@@ -128,7 +128,7 @@ def _cuda_run(x, shift, scale, segments, mod_index, weight, bias, eps, fp8):
     y_scale = torch.empty((B, N, 1), dtype=torch.float32, device=x.device) if fp8 else None
     _C.adaln_modulate(x, shift.contiguous(), scale.contiguous(), weight, bias, list(segments), list(mod_index),
                       float(eps), y, y_scale, cuda_stream(x.device))
-    return y, (y_scale if fp8 else _empty_scale(x))
+    return y, (y_scale if fp8 else empty_scale(x))
 
 
 def _cuda_rejects(x, shift, scale, segments, mod_index, weight, bias, eps, fp8):
@@ -148,14 +148,20 @@ def _triton_rejects(x, shift, scale, segments, mod_index, weight, bias, eps, fp8
     return triton_common_reasons((x, shift, scale, weight, bias), (x,), fp8)
 
 
-def _torch_run(x, shift, scale, segments, mod_index, weight, bias, eps, fp8):
-    if fp8:  # quantize the fp32 modulated value, as the kernels do
+def torch_modulate(x, shift, scale, segments, mod_index, weight, bias, eps, fp8):
+    """The torch backend of both AdaLN ops: (y, empty scale) in x's dtype, or with fp8 the fp32
+    modulated value quantized row-wise (as the kernels do)."""
+    if fp8:
         y = WF.adaln_modulate(x.float(), shift.float(), scale.float(), segments, mod_index,
                               None if weight is None else weight.float(), None if bias is None else bias.float(), eps)
         y_fp8, y_scale = WF.quantize_rowwise(y)
         return y_fp8.contiguous(), y_scale.contiguous()
     y = WF.adaln_modulate(x, shift, scale, segments, mod_index, weight, bias, eps)
-    return y.contiguous(), _empty_scale(x)
+    return y.contiguous(), empty_scale(x)
+
+
+def _torch_run(x, shift, scale, segments, mod_index, weight, bias, eps, fp8):
+    return torch_modulate(x, shift, scale, segments, mod_index, weight, bias, eps, fp8)
 
 
 BACKENDS = OpBackends(OP)

@@ -15,14 +15,10 @@ from wam_fast.models import functional as WF
 from wam_fast.ops._checks import check_same, check_tensor
 from wam_fast.ops._registry import OpBackends, kernel_module, triton_interpreting
 from wam_fast.ops.adaln_modulate import (MAX_TRITON_D, check_modulation_inputs, cuda_common_reasons, cuda_stream,
-                                         last_dim_contiguous, token_sets_int32,
+                                         empty_scale, last_dim_contiguous, token_sets_int32, torch_modulate,
                                          triton_common_reasons)
 
 OP = "gated_residual_adaln"
-
-
-def _empty_scale(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty((0,), dtype=torch.float32, device=x.device)
 
 
 # ---- backends -------------------------------------------------------------------------------------
@@ -35,7 +31,7 @@ def _cuda_run(residual, x, gate, shift, scale, segments, mod_index, weight, bias
     y_scale = torch.empty((B, N, 1), dtype=torch.float32, device=residual.device) if fp8 else None
     _C.gated_residual_adaln(residual, x, gate.contiguous(), shift.contiguous(), scale.contiguous(), weight, bias,
                             list(segments), list(mod_index), float(eps), r, y, y_scale, cuda_stream(residual.device))
-    return r, y, (y_scale if fp8 else _empty_scale(residual))
+    return r, y, (y_scale if fp8 else empty_scale(residual))
 
 
 def _cuda_rejects(residual, x, gate, shift, scale, segments, mod_index, weight, bias, eps, fp8):
@@ -57,13 +53,8 @@ def _triton_rejects(residual, x, gate, shift, scale, segments, mod_index, weight
 
 def _torch_run(residual, x, gate, shift, scale, segments, mod_index, weight, bias, eps, fp8):
     r = WF.gated_residual(residual, x, gate, segments, mod_index).contiguous()  # in residual's dtype
-    if fp8:  # quantize the fp32 modulated value of the rounded r, as the kernels do
-        y = WF.adaln_modulate(r.float(), shift.float(), scale.float(), segments, mod_index,
-                              None if weight is None else weight.float(), None if bias is None else bias.float(), eps)
-        y_fp8, y_scale = WF.quantize_rowwise(y)
-        return r, y_fp8.contiguous(), y_scale.contiguous()
-    y = WF.adaln_modulate(r, shift, scale, segments, mod_index, weight, bias, eps)
-    return r, y.contiguous(), _empty_scale(residual)
+    # the rounded r is modulated (and quantized with fp8), as the kernels do
+    return (r, *torch_modulate(r, shift, scale, segments, mod_index, weight, bias, eps, fp8))
 
 
 BACKENDS = OpBackends(OP)
