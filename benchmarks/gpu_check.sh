@@ -21,3 +21,7 @@ t0=$SECONDS
 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider ${1:+-k "$1"} \
   --benchmark-json "$OUT/benchmarks.json" --benchmark-columns=median,iqr,rounds > "$OUT/benchmarks.txt" 2>&1
 echo "benchmarks: exit $? ($((SECONDS - t0)) s)"; tail -n 60 "$OUT/benchmarks.txt"
+t0=$SECONDS
+python -m wam_fast.bench --steps 4 --json "$OUT/bench_w1_steps4.json" > "$OUT/bench_w1_steps4.txt" 2>&1
+echo "wam_fast.bench --steps 4 (paper baseline at 4 steps, temporal uncached vs KV cache): exit $? ($((SECONDS - t0)) s)"
+tail -n 25 "$OUT/bench_w1_steps4.txt"

@@ -41,7 +41,7 @@ def video_only_forward(model, video, text, image, timestep):
     c = model.config
     tpf = c.tokens_per_frame
     layout = SegmentLayout(names=("text", "video"), lengths=(c.text_len, FRAMES * tpf), mod_set=(0, 1),
-                           groups=(0, 1), noisy=(True, True), mask="full",
+                           noisy=(True, True), mask="full",
                            frame_positions=tuple(range(FRAMES)), tokens_per_frame=tpf)
     ctx = ForwardContext(layout, c, video.device)
     padded = torch.nn.functional.pad(image, (0, 0, 0, 0, 0, 0, 0, FRAMES - 1))

@@ -96,14 +96,27 @@ def test_bench_tiny_writes_schema(tmp_path):
     assert {"device", "workload", "versions", "rows"} <= set(data)
     assert data["workload"] == "tiny"
     assert {"torch", "python", "triton", "commit"} <= set(data["versions"])
-    (row,) = data["rows"]
+    row, uncached, cached = data["rows"]
     assert {"name", "steps", "fp8", "cache", "latency_ms", "p90_ms", "peak_mem_bytes"} <= set(row)
     assert row["name"] == "paper-baseline"
     assert row["steps"] == 2 and row["nfe"] == 4  # CFG batches cond + uncond: 2 per step
     assert row["fp8"] is False and row["cache"] is False
     assert 0 < row["latency_ms"] <= row["p90_ms"] and row["peak_mem_bytes"] > 0
-    # the table and the environment are printed beside the numbers
+    # the temporal twin through WAMPolicy, without and with the KV cache, and the measured ratio
+    assert (uncached["name"], uncached["cache"], uncached["tokens"]) == ("temporal-uncached", False, 44)
+    assert (cached["name"], cached["cache"], cached["tokens"]) == ("temporal-kv-cache", True, 20)
+    assert cached["speedup"] == round(uncached["latency_ms"] / cached["latency_ms"], 3)
+    # arithmetic per chunk for W1: 2 steps x 2 rows of 1256 tokens, or the frame (256) once and
+    # 774 noisy tokens per step; text (226) once per instruction
+    w1 = {e["model"]: e for e in data["accounting"] if e["workload"] == "videovla-5b"}
+    assert w1["temporal"]["tokens"] == 2 * 2 * 1256 and w1["full (VideoVLA)"]["tokens"] == 2 * 2 * 1256
+    assert w1["temporal + KV cache"]["tokens"] == 2 * (256 + 2 * 774)
+    assert w1["temporal + KV cache"]["text_tokens"] == 2 * 226
+    assert w1["full (VideoVLA)"]["tflop"] == pytest.approx(4 * 12.76, rel=1e-3)  # DESIGN.md: 12.8 per forward
+    assert {e["workload"] for e in data["accounting"]} == {"videovla-5b", "videovla-5b-sim"}
+    # the tables and the environment are printed beside the numbers
     assert "paper-baseline" in result.stdout and "torch" in result.stdout
+    assert "x vs temporal-uncached" in result.stdout and "fewer FLOPs" in result.stdout
 
 
 def test_bench_refuses_w1_on_cpu():

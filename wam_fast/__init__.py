@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "configs": ("wam_fast.configs", None),
     "ops": ("wam_fast.ops", None),
+    "cache": ("wam_fast.cache", None),
+    "TemporalKVCache": ("wam_fast.cache", "TemporalKVCache"),
+    "WAMPolicy": ("wam_fast.policy", "WAMPolicy"),
     "WAMConfig": ("wam_fast.configs", "WAMConfig"),
     "WAMTransformer": ("wam_fast.models.transformer", "WAMTransformer"),
     "SegmentLayout": ("wam_fast.models.layout", "SegmentLayout"),

@@ -5,13 +5,19 @@ with cond and uncond batched (20 sample-forwards), batch 1. Weights and inputs a
 does not depend on weight values, and a 5B checkpoint is not needed to measure it.
 
 Each row is one way of running the model ("paper-baseline": the eager reference, as deployed in
-the VideoVLA paper). Later work adds rows to ``variants()`` (compiled, FP8, KV cache, few steps).
-``--json PATH`` writes ``{"device", "workload", "versions", "environment", "rows": [...]}``.
+the VideoVLA paper; "temporal-uncached" / "temporal-kv-cache": the mask="temporal" twin of the same
+weights driven by ``WAMPolicy`` without and with the KV cache, one control step per chunk, with the
+speedup of the second over the first). Later work adds rows to ``variants()`` (compiled, FP8, few steps).
+A second table gives the arithmetic per action chunk (tokens through the blocks, block FLOPs and
+KV-cache memory) for W1 and W2 with and without the cache, from the configs.
+``--json PATH`` writes ``{"device", "workload", "versions", "environment", "rows": [...],
+"accounting": [...]}``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -42,11 +48,24 @@ class Variant:
     fp8: bool = False
     cache: bool = False
     sample_kwargs: dict = field(default_factory=dict)
+    policy: bool = False  # time WAMPolicy.act on the model's mask="temporal" twin (cache: with the KV cache)
+    baseline: Optional[str] = None  # report latency(baseline) / latency(this row) as its speedup
 
 
 def variants(args) -> List[Variant]:
     """The rows to measure, in order (each later issue appends its own)."""
-    return [Variant("paper-baseline")]
+    return [Variant("paper-baseline"),
+            Variant("temporal-uncached", policy=True),
+            Variant("temporal-kv-cache", policy=True, cache=True, baseline="temporal-uncached")]
+
+
+def temporal_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The mask="temporal" model with the same parameter tensors (no copy)."""
+    config = dataclasses.replace(model.config, mask="temporal")
+    with torch.device("meta"):
+        twin = wam_fast.WAMTransformer(config)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    return twin.eval()
 
 
 @contextlib.contextmanager
@@ -127,10 +146,20 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device) -> dict:
     kwargs = dict(sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed)
     kwargs.update(variant.sample_kwargs)
     nfe = []
+    tokens = cfg.num_tokens
 
-    def run_chunk():
-        chunk = wam_fast.sample(timed, **inputs, **kwargs)
-        nfe.append(chunk.nfe)
+    if variant.policy:
+        twin = temporal_twin(timed)
+        policy = wam_fast.WAMPolicy(twin, cache=variant.cache, history=0, **kwargs)
+        policy.reset(inputs["text"])  # the text pass runs once per instruction, outside the timing
+        tokens = twin.config.noisy_tokens if variant.cache else twin.config.num_tokens
+
+        def run_chunk():
+            nfe.append(policy.act(inputs["image"]).nfe)
+    else:
+        def run_chunk():
+            chunk = wam_fast.sample(timed, **inputs, **kwargs)
+            nfe.append(chunk.nfe)
 
     with torch.inference_mode():
         times, peak = time_calls(run_chunk, device, args.warmup, args.repeats)
@@ -146,7 +175,7 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device) -> dict:
         "sampler": kwargs["sampler"],
         "cfg_scale": kwargs["cfg_scale"],
         "nfe": nfe[-1],
-        "tokens": cfg.num_tokens,
+        "tokens": tokens,  # per sample-forward (noisy tokens only with the cache)
         "batch": args.batch,
         "dtype": args.dtype,
         "repeats": args.repeats,
@@ -157,12 +186,60 @@ def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def add_speedups(rows: List[dict], variants_run: List[Variant]) -> None:
+    """speedup = baseline median / this row's median, both measured in this run."""
+    by_name = {r["name"]: r for r in rows}
+    for row, variant in zip(rows, variants_run):
+        if variant.baseline in by_name:
+            row["speedup"] = round(by_name[variant.baseline]["latency_ms"] / row["latency_ms"], 3)
+            row["speedup_vs"] = variant.baseline
+
+
 def format_table(workload: str, rows: List[dict]) -> str:
-    head = ("name", "workload", "sampler", "steps", "nfe", "tokens", "median ms", "p90 ms", "peak mem")
+    head = ("name", "workload", "sampler", "steps", "nfe", "tokens", "median ms", "p90 ms", "peak mem", "speedup")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        speedup = f"{r['speedup']:.2f}x vs {r['speedup_vs']}" if "speedup" in r else "-"
         cells = (r["name"], workload, r["sampler"], r["steps"], r["nfe"], r["tokens"],
-                 f"{r['latency_ms']:.1f}", f"{r['p90_ms']:.1f}", format_bytes(r["peak_mem_bytes"]))
+                 f"{r['latency_ms']:.1f}", f"{r['p90_ms']:.1f}", format_bytes(r["peak_mem_bytes"]), speedup)
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+ACCOUNTING_WORKLOADS = ("videovla-5b", "videovla-5b-sim")
+
+
+def accounting(steps: int, rows: int) -> List[dict]:
+    """Tokens and FLOPs per action chunk for W1 and W2: the full-mask model (VideoVLA), its temporal
+    twin uncached and cached (no history), and the cache's bf16 memory."""
+    from wam_fast.cache import cache_bytes, chunk_cost
+
+    out = []
+    for name in ACCOUNTING_WORKLOADS:
+        full = configs.get(name)
+        temporal = dataclasses.replace(full, mask="temporal")
+        for label, cfg, cache in (("full (VideoVLA)", full, False), ("temporal", temporal, False),
+                                  ("temporal + KV cache", temporal, True)):
+            cost = chunk_cost(cfg, steps, rows, cache=cache)
+            out.append({"workload": name, "model": label, "cache": cache, "steps": steps, "rows": rows,
+                        "tokens": cost["tokens"], "tflop": round(cost["flops"] / 1e12, 3),
+                        "text_tokens": cost["text_tokens"], "text_tflop": round(cost["text_flops"] / 1e12, 3),
+                        "cache_bytes_bf16": cache_bytes(cfg, rows) if cache else 0})
+    return out
+
+
+def format_accounting(entries: List[dict]) -> str:
+    head = ("workload", "model", "tokens / chunk", "TFLOP / chunk", "vs uncached", "text once per instruction",
+            "KV cache (bf16)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    uncached = {}
+    for e in entries:
+        if e["model"] == "temporal":
+            uncached[e["workload"]] = e["tflop"]
+        ratio = f"{uncached[e['workload']] / e['tflop']:.2f}x fewer FLOPs" if e["cache"] else "-"
+        text = f"{e['text_tokens']} tokens, {e['text_tflop']:.2f} TFLOP" if e["cache"] else "-"
+        memory = format_bytes(e["cache_bytes_bf16"]) if e["cache"] else "-"
+        cells = (e["workload"], e["model"], e["tokens"], f"{e['tflop']:.2f}", ratio, text, memory)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -237,12 +314,20 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(cfg, device, DTYPES[args.dtype])
     inputs = make_inputs(cfg, args.batch, device, DTYPES[args.dtype], args.seed)
-    rows = [measure(v, model, inputs, cfg, args, device) for v in variants(args)]
+    variants_run = variants(args)
+    rows = [measure(v, model, inputs, cfg, args, device) for v in variants_run]
+    add_speedups(rows, variants_run)
 
     print()
     print(format_table(args.workload, rows))
+    guided_rows = 2 if args.cfg_scale != 1.0 else 1
+    costs = accounting(args.steps, guided_rows * args.batch)
+    print(f"\nper action chunk, {args.steps} steps x {guided_rows * args.batch} rows (batch {args.batch}"
+          f"{', cond + uncond' if guided_rows == 2 else ''}), no history; block linears + attention "
+          f"(arithmetic from the configs):")
+    print(format_accounting(costs))
     result = {"device": env["device"], "workload": args.workload, "versions": versions(env),
-              "environment": env, "rows": rows}
+              "environment": env, "rows": rows, "accounting": costs}
     if args.json:
         directory = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(directory, exist_ok=True)

@@ -17,7 +17,8 @@ class WAMConfig:
     concatenated channel-wise) | actions, everything attends to everything.
     ``mask="temporal"`` is the cacheable layout of DESIGN.md section 6: text | history frames
     (clean, up to ``history_frames``) | current frame (clean) | future frames + actions (noisy);
-    a query of segment i sees keys of segments <= i. ``dataclasses.replace(cfg, mask="temporal")``
+    text sees text, each clean frame sees the text and itself, the noisy tokens see everything
+    (``wam_fast.models.layout``). ``dataclasses.replace(cfg, mask="temporal")``
     gives the masked variant of a preset with the same weights.
     """
 

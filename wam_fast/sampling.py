@@ -20,6 +20,7 @@ euler          flow_matching    Euler on the flow ODE from s = 1 to s = 0
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -305,6 +306,25 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
         image, history, robot_id = (None if x is None else torch.cat((x, x)) for x in (image, history, robot_id))
 
     generator = torch.Generator("cpu").manual_seed(seed)
+
+    def forward(video, actions, timestep):
+        return model(video, text, actions, timestep, image=image, history=history, robot_id=robot_id)
+
+    chunk = run_sampler(forward, config, batch, device, dtype, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                        cfg_schedule=cfg_schedule, generator=generator)
+    return chunk if return_video else dataclasses.replace(chunk, video=None)
+
+
+def run_sampler(forward, config, batch: int, device, dtype, *, sampler: str, steps: int, cfg_scale: float,
+                cfg_schedule: str, generator: torch.Generator) -> ActionChunk:
+    """The sampling loop of ``sample`` (and of ``WAMPolicy``), with validated options.
+
+    ``forward(video, actions, timestep)`` evaluates the model on rows * batch rows (rows = 2 with
+    guidance: cond rows first, then uncond) and returns (video_out, action_out). The initial noise
+    (video first, then actions) and any sampler noise come from ``generator`` (a CPU generator).
+    Returns the chunk with its video latents.
+    """
+    guided = _uses_guidance(cfg_scale, cfg_schedule)
     video_shape = (batch, config.noisy_frames, config.latent_channels, config.latent_height, config.latent_width)
     action_shape = (batch, config.action_len, config.action_dim)
     video_size = math.prod(video_shape[1:])
@@ -316,9 +336,8 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
     for i, t in enumerate(solver.timesteps):
         x_in = x.to(dtype).repeat(rows, 1)
         timestep = torch.full((rows * batch,), t, device=device, dtype=torch.float32)
-        video_out, action_out = model(x_in[:, :video_size].reshape((rows * batch,) + video_shape[1:]), text,
-                                      x_in[:, video_size:].reshape((rows * batch,) + action_shape[1:]),
-                                      timestep, image=image, history=history, robot_id=robot_id)
+        video_out, action_out = forward(x_in[:, :video_size].reshape((rows * batch,) + video_shape[1:]),
+                                        x_in[:, video_size:].reshape((rows * batch,) + action_shape[1:]), timestep)
         out = torch.cat((video_out.flatten(1), action_out.flatten(1)), dim=1).float()
         if guided:
             cond, uncond = out.chunk(2)
@@ -326,6 +345,5 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
             out = uncond + scale * (cond - uncond)
         x = solver.step(i, x, out)
 
-    return ActionChunk(actions=x[:, video_size:].reshape(action_shape),
-                       video=x[:, :video_size].reshape(video_shape) if return_video else None,
+    return ActionChunk(actions=x[:, video_size:].reshape(action_shape), video=x[:, :video_size].reshape(video_shape),
                        sampler=sampler, steps=steps, nfe=steps * rows)

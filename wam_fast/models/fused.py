@@ -38,7 +38,7 @@ class FusedGatedResidualAdaLN(GatedResidualAdaLN):
 
 
 class FusedAttention(Attention):
-    """QKV GEMM -> qk_norm_rope op on strided views of it -> attention op (segment-aware) -> out GEMM."""
+    """QKV GEMM -> qk_norm_rope op on strided views of it -> attention op (as ctx.attend runs it) -> out GEMM."""
 
     def forward(self, x, ctx: ForwardContext):
         ops = _ops()
@@ -47,7 +47,7 @@ class FusedAttention(Attention):
         q, k = ops.qk_norm_rope(q, k, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight,
                                 self.norm_k.bias, ctx.rope_cos, ctx.rope_sin, ctx.rope_start, ctx.rope_end,
                                 self.norm_q.eps)
-        o = ops.attention(q, k, v, ctx.token_groups, ctx.token_groups, ctx.mask)
+        o = ctx.attend(q, k, v, ops.attention)
         return self.out(o.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -18,20 +18,88 @@ from wam_fast.models.layout import SegmentLayout, build_layout
 
 
 class ForwardContext:
-    """What every block of one forward shares: the layout, attention segment ids and RoPE tables."""
+    """What every block of one forward shares: segments, RoPE tables, and how attention runs.
 
-    def __init__(self, layout: SegmentLayout, config: WAMConfig, device: torch.device):
+    ``plan(q, k, v, layer, attention_fn)`` computes the attention output of layer ``layer`` with
+    ``attention_fn`` (``functional.attention`` or ``wam_fast.ops.attention``, same signature); by
+    default the layout's rule (``FullAttention`` or ``TemporalAttention``). A KV cache passes its own
+    plan, which also stores the layer's K/V (``wam_fast.cache``). ``layer`` is set by the model's
+    block loop before each block.
+    """
+
+    def __init__(self, layout: SegmentLayout, config: WAMConfig, device: torch.device, plan=None):
         self.layout = layout
         self.segments = layout.lengths
         self.mod_index = tuple(range(layout.num_segments))  # one modulation set per segment
-        self.mask = layout.mask
-        self.token_groups = layout.token_groups(device)
         # per segment: which half of each block's AdaLN table it reads (video = 0, text = 1)
         self.adaln_half = torch.tensor([1 - m for m in layout.mod_set], device=device)
         self.rope_start, self.rope_end = layout.video_span
+        self.rope_cos, self.rope_sin = rope_tables(config, layout.rope_positions, device)
+        if plan is None:
+            plan = FullAttention() if layout.mask == "full" else TemporalAttention(layout, config, device)
+        self.plan = plan
+        self.layer = 0
+
+    def attend(self, q, k, v, attention_fn):
+        """(B, H, N, hd) q, k, v of this forward's tokens -> attention output (B, H, N, hd)."""
+        return self.plan(q, k, v, self.layer, attention_fn)
+
+
+def rope_tables(config: WAMConfig, frame_positions, device, tokens_per_frame=None):
+    """float32 (frames * tokens_per_frame, head_dim) cos, sin for frames at ``frame_positions``.
+
+    With ``tokens_per_frame`` given, only the time axis rotates (rows and columns at 0): the table
+    that moves a frame's keys in time by ``frame_positions`` (history key shifts)."""
+    if tokens_per_frame is None:
         grid = (config.latent_height // config.patch_size, config.latent_width // config.patch_size)
-        self.rope_cos, self.rope_sin = WF.rope_cos_sin(layout.frame_positions, *grid, config.rope_axes,
-                                                       config.rope_theta, device)
+        return WF.rope_cos_sin(frame_positions, *grid, config.rope_axes, config.rope_theta, device)
+    cos, sin = WF.rope_cos_sin(frame_positions, 1, 1, config.rope_axes, config.rope_theta, device)
+    return cos.repeat_interleave(tokens_per_frame, 0), sin.repeat_interleave(tokens_per_frame, 0)
+
+
+class FullAttention:
+    """mask="full": every query sees every key."""
+
+    def __call__(self, q, k, v, layer, attention_fn):
+        return attention_fn(q, k, v, None, None, "full")
+
+
+class TemporalAttention:
+    """mask="temporal" (rule in ``wam_fast.models.layout``) as 2 + clean_frames calls that need no
+    (N, N) mask: text -> text; each clean frame -> text + itself (segment ids hide the other frames);
+    noisy -> everything, with history keys moved back in time by their age. A KV cache runs the same
+    calls over its buffers, which is why cached and uncached runs agree to rounding."""
+
+    def __init__(self, layout: SegmentLayout, config: WAMConfig, device):
+        self.text, self.context = layout.text_len, layout.context_len
+        tpf = layout.tokens_per_frame
+        self.frames = [(self.text + f * tpf, self.text + (f + 1) * tpf) for f in range(layout.clean_frames)]
+        self.frame_query_segments = torch.ones(tpf, dtype=torch.int32, device=device)
+        self.frame_key_segments = []
+        for start, end in self.frames:  # 0 text, 1 this frame, 2 another frame (hidden)
+            ids = torch.full((self.context,), 2, dtype=torch.int32)
+            ids[:self.text] = 0
+            ids[start:end] = 1
+            self.frame_key_segments.append(ids.to(device))
+        self.shift_cos, self.shift_sin = rope_tables(config, layout.history_key_shifts, device, tpf)
+
+    def __call__(self, q, k, v, layer, attention_fn):
+        text, context = self.text, self.context
+        out = [attention_fn(q[:, :, :text], k[:, :, :text], v[:, :, :text], None, None, "full")]
+        for (start, end), key_segments in zip(self.frames, self.frame_key_segments):
+            out.append(attention_fn(q[:, :, start:end], k[:, :, :context], v[:, :, :context],
+                                    self.frame_query_segments, key_segments, "temporal"))
+        if context < q.shape[2]:
+            if self.frames:
+                k = torch.cat((k[:, :, :text], shift_keys(k[:, :, text:context], self.shift_cos, self.shift_sin),
+                               k[:, :, context:]), dim=2)
+            out.append(attention_fn(q[:, :, context:], k, v, None, None, "full"))
+        return torch.cat(out, dim=2)
+
+
+def shift_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate encoded keys in time (a history frame seen at its age), in float32, back to k's dtype."""
+    return WF.apply_rope(k, cos, sin)
 
 
 def timestep_sinusoid(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -128,7 +196,7 @@ class Attention(nn.Module):
         q, k = WF.qk_norm_rope(q, k, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight,
                                self.norm_k.bias, ctx.rope_cos, ctx.rope_sin,
                                ctx.rope_start, ctx.rope_end, self.norm_q.eps)
-        o = WF.attention(q, k, v, ctx.token_groups, ctx.token_groups, ctx.mask)
+        o = ctx.attend(q, k, v, WF.attention)
         return self.out(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -200,7 +268,8 @@ class WAMTransformer(nn.Module):
                ``model.layout(...)`` (by default clean context segments get 0)
       image    (B, 1, C, H, W) clean latent of the current observation. full: padded with zeros
                to F frames and concatenated channel-wise (VideoVLA); temporal: its own clean segment.
-      history  (B, h, C, H, W) clean past frames, oldest first, h <= history_frames (temporal only)
+      history  (B, h, C, H, W) clean past frames, oldest first (the last is one control step
+               before the image), h <= history_frames (temporal only)
       robot_id (B,) long, when config.num_robots > 0
     returns (video_out, action_out) shaped like video and actions: the v-prediction (or the flow
     velocity when config.objective == "flow_matching").
@@ -241,40 +310,51 @@ class WAMTransformer(nn.Module):
 
         c = self.config
         timestep, layout = check_forward_inputs(self, video, text, actions, timestep, image, history, robot_id)
-        b = video.shape[0]
         ctx = ForwardContext(layout, c, video.device)
 
         tokens = [self.text_proj(text)]
-        if c.mask == "full":
-            if c.image_concat:
-                padded = torch.zeros_like(video) if image is None else F.pad(
-                    image, (0, 0, 0, 0, 0, 0, 0, video.shape[1] - 1))
-                video_in = torch.cat((video, padded), dim=2)
-            else:
-                video_in = video
-            tokens.append(self.patch_embed(video_in))
-        else:
-            # Clean frames see themselves as the image channels (what a full-mask teacher sees for
-            # frame 0 at t=0); future frames get zero image channels, as in the full layout.
+        if c.mask == "temporal":
             clean = [frames for frames in (history, image) if frames is not None]
             if clean:
-                clean = torch.cat(clean, dim=1)
-                tokens.append(self.patch_embed(torch.cat((clean, clean), dim=2) if c.image_concat else clean))
-            tokens.append(self.patch_embed(
-                torch.cat((video, torch.zeros_like(video)), dim=2) if c.image_concat else video))
-        tokens.append(self.action_embed(actions, robot_id))
-        h = torch.cat(tokens, dim=1)
-
+                tokens.append(self.embed_clean_frames(torch.cat(clean, dim=1)))
+        tokens += [self.embed_noisy_video(video, image), self.action_embed(actions, robot_id)]
         temb = self.time_embed(timestep)  # (B, S, E)
-        for block in self.blocks:
-            h = block(h, temb, ctx)
+        h = self.run_blocks(torch.cat(tokens, dim=1), temb, ctx)
+        return self.predict(h, temb, layout, video.shape)
 
+    # The pieces of forward, shared with the KV cache (wam_fast.cache), which runs them on parts of
+    # the token sequence: text once per instruction, a clean frame once per control step, and only
+    # the noisy tokens at each denoising step.
+    def embed_clean_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, n, C, H, W) clean frames (temporal) -> tokens. A clean frame sees itself as the image
+        channels: what a full-mask teacher sees for frame 0 at t=0."""
+        return self.patch_embed(torch.cat((frames, frames), dim=2) if self.config.image_concat else frames)
+
+    def embed_noisy_video(self, video: torch.Tensor, image=None) -> torch.Tensor:
+        """Noisy latents -> tokens. full: the image zero-padded to F frames and concatenated on
+        channels (zeros without one, VideoVLA); temporal: future frames get zero image channels."""
+        if not self.config.image_concat:
+            return self.patch_embed(video)
+        if self.config.mask == "full" and image is not None:
+            padded = F.pad(image, (0, 0, 0, 0, 0, 0, 0, video.shape[1] - 1))
+        else:
+            padded = torch.zeros_like(video)
+        return self.patch_embed(torch.cat((video, padded), dim=2))
+
+    def run_blocks(self, h: torch.Tensor, temb: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """All blocks over the tokens h (B, n, D); temb (B, S, E) one time embedding per segment of ctx."""
+        for index, block in enumerate(self.blocks):
+            ctx.layer = index
+            h = block(h, temb, ctx)
+        return h
+
+    def predict(self, h: torch.Tensor, temb: torch.Tensor, layout: SegmentLayout, video_shape):
+        """Final norm and heads on the noisy video and action tokens of h (laid out as ``layout``)."""
         h = self.norm_final(h)
-        video_start = layout.start("video")
-        video_len = layout.lengths[layout.index("video")]
-        v = self.video_out_norm(h[:, video_start:video_start + video_len], temb[:, layout.index("video")])
-        a = self.action_out_norm(h[:, -c.action_len:], temb[:, layout.index("actions")])
-        return self.unpatchify(self.video_proj(v), video.shape), self.action_proj(a)
+        video_start, video_end = layout.span("video")
+        v = self.video_out_norm(h[:, video_start:video_end], temb[:, layout.index("video")])
+        a = self.action_out_norm(h[:, -self.config.action_len:], temb[:, layout.index("actions")])
+        return self.unpatchify(self.video_proj(v), video_shape), self.action_proj(a)
 
     def unpatchify(self, patches: torch.Tensor, video_shape) -> torch.Tensor:
         """(B, F*h*w, C*p*p) -> (B, F, C, H, W); patch features ordered (C, p, p)."""

@@ -1,0 +1,300 @@
+"""Temporal-masked KV cache (DESIGN.md section 6): text once per instruction, a frame once per
+control step, and only the noisy tokens at each denoising step.
+
+With ``mask="temporal"`` (rule and RoPE positions in ``wam_fast.models.layout``) the K/V of the text
+and of every clean frame depend neither on the noisy tokens nor on the denoising step, nor on which
+other frames are in the window. So they are computed once and reused:
+
+    cache = TemporalKVCache(model)            # refuses a mask="full" model, saying why
+    cache.setup(batch, max_history)           # static buffers: text | frame slots | noisy tokens
+    cache.fill_text(text)                     # once per instruction (every layer's text K/V)
+    cache.add_frame(image_latent)             # once per control step; evicts the oldest frame
+    video_out, action_out = cache.denoise(video, actions, timestep)   # noisy tokens only
+
+Buffers per layer (static shapes, gpt-fast style, so a sampling loop can be captured in a CUDA
+graph): keys/values of ``text_len`` text tokens, ``max_history + 1`` frame slots of
+``tokens_per_frame`` tokens and the noisy tokens. Frame slots are a ring: control step s writes slot
+``s % (max_history + 1)``, which evicts the frame of step ``s - max_history - 1``; nothing else
+moves (attention does not care about key order). A slot without a frame gets a key segment id that
+no query sees. Each frame is encoded at the current frame's RoPE position; the keys the noisy tokens
+see are those rotated back in time by the frame's age, recomputed from the encoded keys (kept in
+``encoded_k``) at each control step, exactly as the uncached model does.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Tuple
+
+import torch
+
+from wam_fast.configs import WAMConfig
+from wam_fast.models.layout import TEXT_SET, VIDEO_SET, SegmentLayout
+from wam_fast.models.transformer import ForwardContext, rope_tables, shift_keys
+from wam_fast.models.validation import _check_tensor
+
+# Key segment ids for ``attention(mask="temporal")``: a query (id QUERY) sees keys with id <= QUERY.
+VISIBLE, QUERY, HIDDEN = 0, 1, 2
+
+
+def not_cacheable_message(config: WAMConfig) -> str:
+    return (f"a KV cache needs a model with mask='temporal'; this one has mask={config.mask!r} "
+            f"(bidirectional, as the released VideoVLA): its text and frame tokens attend to the noisy "
+            f"tokens, so their K/V change at every denoising step and cannot be reused exactly. Distill "
+            f"it into a temporal-masked student (python -m wam_fast.distill with a mask='temporal' "
+            f"student, DESIGN.md section 7), which is exactly cacheable, or run it uncached (cache=False).")
+
+
+def pass_layouts(config: WAMConfig) -> Tuple[SegmentLayout, SegmentLayout, SegmentLayout]:
+    """The layouts of the cache's three passes: text alone, one clean frame alone, the noisy tokens
+    alone; with the same modulation sets and RoPE positions as those tokens have in a full forward."""
+    tpf, current = config.tokens_per_frame, config.history_frames
+    common = dict(mask="temporal", tokens_per_frame=tpf, current_position=current)
+    text = SegmentLayout(names=("text",), lengths=(config.text_len,), mod_set=(TEXT_SET,), noisy=(False,),
+                         frame_positions=(), **common)
+    frame = SegmentLayout(names=("current",), lengths=(tpf,), mod_set=(VIDEO_SET,), noisy=(False,),
+                          frame_positions=(current,), **common)
+    future = config.latent_frames - 1
+    noisy = SegmentLayout(names=("video", "actions"), lengths=(future * tpf, config.action_len),
+                          mod_set=(VIDEO_SET, VIDEO_SET), noisy=(True, True),
+                          frame_positions=tuple(range(current + 1, current + 1 + future)), **common)
+    return text, frame, noisy
+
+
+class _CachePass:
+    """Attention plan of one pass: store this layer's K/V in the cache, attend over the buffers."""
+
+    def __init__(self, cache: "TemporalKVCache", part: str):
+        self.cache, self.part, self.calls = cache, part, 0
+
+    def __call__(self, q, k, v, layer, attention_fn):
+        cache = self.cache
+        self.calls += 1
+        keys, values = cache.k[layer], cache.v[layer]
+        if self.part == "text":
+            end = cache.text_len
+            keys[:, :, :end].copy_(k)
+            values[:, :, :end].copy_(v)
+            return attention_fn(q, keys[:, :, :end], values[:, :, :end], None, None, "full")
+        if self.part == "frame":
+            start, end = cache.slot_span(cache.current_slot)
+            keys[:, :, start:end].copy_(k)  # age 0: the encoded keys are the keys the noisy tokens see
+            values[:, :, start:end].copy_(v)
+            if cache.encoded_k is not None:
+                cache.encoded_k[layer][:, :, start - cache.text_len:end - cache.text_len].copy_(k)
+            context = cache.noisy_start
+            return attention_fn(q, keys[:, :, :context], values[:, :, :context], cache.query_segments[:q.shape[2]],
+                                cache.frame_key_segments, "temporal")
+        start = cache.noisy_start
+        keys[:, :, start:].copy_(k)
+        values[:, :, start:].copy_(v)
+        return attention_fn(q, keys, values, cache.query_segments[:q.shape[2]], cache.noisy_key_segments, "temporal")
+
+
+class TemporalKVCache:
+    """Static K/V buffers of a mask="temporal" WAMTransformer (module docstring).
+
+    ``model`` may be fused (``wam_fast.models.fused.fuse``): the passes call the same block modules.
+    Attributes after ``setup``: ``k``, ``v`` (layers, batch, heads, keys, head_dim) in the model's
+    dtype; ``encoded_k`` (layers, batch, heads, slots * tokens_per_frame, head_dim) when
+    max_history > 0; ``step`` (frames added this episode); ``frames`` (frames held, <= slots).
+    """
+
+    def __init__(self, model):
+        config = getattr(model, "config", None)
+        if not isinstance(config, WAMConfig) or not hasattr(model, "run_blocks"):
+            raise TypeError(f"TemporalKVCache expects a WAMTransformer (with .config and .run_blocks), "
+                            f"got {type(model).__name__}")
+        if config.mask != "temporal":
+            raise ValueError(not_cacheable_message(config))
+        self.model, self.config = model, config
+        self.batch: Optional[int] = None
+
+    # ---- buffers --------------------------------------------------------------------------------
+    def setup(self, batch: int, max_history: Optional[int] = None, device=None, dtype=None) -> "TemporalKVCache":
+        """Allocate the buffers for ``batch`` rows (cond + uncond rows count separately) and a window
+        of ``max_history`` past frames (default config.history_frames); then ``reset()``."""
+        c = self.config
+        if max_history is None:
+            max_history = c.history_frames
+        for name, value, low in (("batch", batch, 1), ("max_history", max_history, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"TemporalKVCache.setup: {name} must be an int >= {low}, got {value!r}")
+        if max_history > c.history_frames:
+            raise ValueError(f"TemporalKVCache.setup: max_history={max_history} exceeds the model's "
+                             f"history_frames={c.history_frames} (its RoPE positions end there)")
+        param = next(self.model.parameters())
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or param.dtype
+        tpf = c.tokens_per_frame
+        self.batch, self.max_history, self.slots = int(batch), int(max_history), int(max_history) + 1
+        self.text_len, self.tokens_per_frame = c.text_len, tpf
+        self.noisy_start = c.text_len + self.slots * tpf
+        self.num_keys = self.noisy_start + c.noisy_tokens
+        shape = (c.num_layers, self.batch, c.num_heads, self.num_keys, c.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.encoded_k = (torch.zeros(shape[:3] + (self.slots * tpf, c.head_dim), device=device, dtype=dtype)
+                          if self.max_history else None)
+        self.query_segments = torch.full((max(tpf, c.noisy_tokens),), QUERY, dtype=torch.int32, device=device)
+        self.frame_key_segments = torch.full((self.noisy_start,), HIDDEN, dtype=torch.int32, device=device)
+        self.noisy_key_segments = torch.full((self.num_keys,), HIDDEN, dtype=torch.int32, device=device)
+        self.device, self.dtype = device, dtype
+        self._passes = {part: _CachePass(self, part) for part in ("text", "frame", "noisy")}
+        self._contexts = {part: ForwardContext(layout, c, device, plan=self._passes[part])
+                          for part, layout in zip(("text", "frame", "noisy"), pass_layouts(c))}
+        self.reset()
+        return self
+
+    def reset(self) -> None:
+        """A new episode: no text, no frames (the buffers are kept, their contents ignored)."""
+        self._require_setup("reset")
+        self.text_ready = False
+        self.step = 0
+        self.current_slot = 0
+        self.slot_steps: List[Optional[int]] = [None] * self.slots  # control step of each slot's frame
+        self.frame_key_segments.fill_(HIDDEN)
+        self.frame_key_segments[:self.text_len] = VISIBLE
+        self.noisy_key_segments.fill_(HIDDEN)
+        self.noisy_key_segments[:self.text_len] = VISIBLE
+        self.noisy_key_segments[self.noisy_start:] = VISIBLE
+
+    @property
+    def frames(self) -> int:
+        return sum(s is not None for s in self.slot_steps) if self.batch is not None else 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the cache's buffers (K, V, encoded keys, segment ids)."""
+        if self.batch is None:
+            return 0
+        tensors = [self.k, self.v, self.encoded_k, self.query_segments, self.frame_key_segments,
+                   self.noisy_key_segments]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def slot_span(self, slot: int) -> Tuple[int, int]:
+        """[start, end) of frame slot ``slot`` among the keys."""
+        start = self.text_len + slot * self.tokens_per_frame
+        return start, start + self.tokens_per_frame
+
+    # ---- passes ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fill_text(self, text: torch.Tensor) -> None:
+        """Every layer's K/V of the instruction's text tokens (B, text_len, text_dim): once per instruction."""
+        c = self.config
+        self._require_setup("fill_text")
+        _check_tensor("text", text, (self.batch, c.text_len, c.text_dim), self.dtype, self.device)
+        temb = self.model.time_embed(text.new_zeros((self.batch, 1), dtype=torch.float32))
+        self._run("text", self.model.text_proj(text), temb)
+        self.text_ready = True
+
+    @torch.no_grad()
+    def add_frame(self, image_latent: torch.Tensor) -> None:
+        """Encode the current observation (B, 1, C, H, W) into the next ring slot: once per control
+        step. The frame that was ``max_history + 1`` steps old is evicted."""
+        c = self.config
+        self._require_setup("add_frame")
+        if not self.text_ready:
+            raise RuntimeError("TemporalKVCache.add_frame: no text in the cache: call fill_text(text) first "
+                               "(once per instruction; reset() clears it)")
+        _check_tensor("image_latent", image_latent,
+                      (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
+        slot = self.step % self.slots
+        start, end = self.slot_span(slot)
+        self.current_slot = slot
+        self.frame_key_segments[self.text_len:] = HIDDEN  # the frame sees the text and itself only
+        self.frame_key_segments[start:end] = VISIBLE
+        temb = self.model.time_embed(image_latent.new_zeros((self.batch, 1), dtype=torch.float32))
+        self._run("frame", self.model.embed_clean_frames(image_latent), temb)
+        self.slot_steps[slot] = self.step
+        self.noisy_key_segments[start:end] = VISIBLE
+        self.step += 1
+        if self.encoded_k is not None:
+            self._age_history_keys()
+
+    def _age_history_keys(self) -> None:
+        # keys the noisy tokens see = encoded keys moved back in time by each frame's age (0 for the
+        # current frame, whose rotation is the identity); recomputed from encoded_k, never accumulated
+        current = self.step - 1
+        shifts = [0 if s is None else s - current for s in self.slot_steps]
+        cos, sin = rope_tables(self.config, shifts, self.device, self.tokens_per_frame)
+        start, end = self.text_len, self.noisy_start
+        self.k[:, :, :, start:end] = shift_keys(self.encoded_k, cos, sin)
+
+    @torch.no_grad()
+    def denoise(self, video: torch.Tensor, actions: torch.Tensor, timestep, robot_id=None):
+        """One sample-forward of the noisy tokens only, against the cached text and frames:
+        video (B, F-1, C, H, W), actions (B, K, A), timestep (B,) or a number. Returns
+        (video_out, action_out) as the uncached model would for the same inputs."""
+        c, model = self.config, self.model
+        self._require_setup("denoise")
+        if not self.text_ready or self.frames == 0:
+            raise RuntimeError("TemporalKVCache.denoise: the cache holds no "
+                               + ("text: call fill_text(text)" if not self.text_ready else
+                                  "frame: call add_frame(image_latent)") + " first")
+        _check_tensor("video", video, model.noisy_video_shape(self.batch), self.dtype, self.device)
+        _check_tensor("actions", actions, model.action_shape(self.batch), self.dtype, self.device)
+        if c.num_robots and robot_id is None:
+            raise ValueError(f"this model has a robot-id embedding ({c.num_robots} robots): pass robot_id (B,)")
+        layout = self._contexts["noisy"].layout
+        if isinstance(timestep, numbers.Real):
+            timestep = torch.full((self.batch,), float(timestep), device=self.device)
+        _check_tensor("timestep", timestep, (self.batch,), None, self.device)
+        # both segments (video, actions) are noisy; no host-to-device copy, so a CUDA graph can hold this
+        temb = model.time_embed(timestep.float()[:, None].expand(-1, layout.num_segments))
+        h = torch.cat((model.embed_noisy_video(video), model.action_embed(actions, robot_id)), dim=1)
+        return model.predict(self._run("noisy", h, temb), temb, layout, video.shape)
+
+    def _run(self, part: str, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        plan, ctx = self._passes[part], self._contexts[part]
+        plan.calls = 0
+        h = self.model.run_blocks(h, temb, ctx)
+        if plan.calls != self.config.num_layers:
+            raise RuntimeError(f"TemporalKVCache: {plan.calls} of {self.config.num_layers} layers ran attention "
+                               f"through ctx.attend; a swapped attention module that bypasses it cannot be cached")
+        return h
+
+    def _require_setup(self, what: str) -> None:
+        if self.batch is None:
+            raise RuntimeError(f"TemporalKVCache.{what}: call setup(batch, max_history) first")
+
+
+# ---- accounting (arithmetic from the config; nothing is allocated) -----------------------------------
+def cache_bytes(config: WAMConfig, rows: int, max_history: int = 0, bytes_per_element: int = 2) -> int:
+    """Bytes of a TemporalKVCache's K/V buffers (+ encoded history keys) for ``rows`` rows; the
+    small segment-id vectors are left out."""
+    slots = max_history + 1
+    keys = config.text_len + slots * config.tokens_per_frame + config.noisy_tokens
+    per_key = config.num_layers * rows * config.hidden_dim * bytes_per_element
+    encoded = slots * config.tokens_per_frame if max_history else 0
+    return per_key * (2 * keys + encoded)
+
+
+def chunk_cost(config: WAMConfig, steps: int, rows: int = 1, cache: bool = False, history: int = 0) -> dict:
+    """Tokens through the blocks and block FLOPs (linears + attention, as DESIGN.md section 1 counts
+    them; embeddings, heads and AdaLN tables are < 1%) for one action chunk of ``steps`` denoising
+    steps on ``rows`` rows (2 with guidance), with a full window of ``history`` past frames.
+
+    Returns {"tokens", "flops"} per chunk and {"text_tokens", "text_flops"} once per instruction
+    (0 without the cache: uncached runs recompute the text at every step)."""
+    d, layers = config.hidden_dim, config.num_layers
+    text, tpf, noisy = config.text_len, config.tokens_per_frame, config.noisy_tokens
+
+    def flops(queries, pairs):  # per layer: 2 * 12 d^2 per token (qkv, out, ffn); 4 d per query-key pair
+        return layers * (24 * d * d * queries + 4 * d * pairs)
+
+    if config.mask == "full":
+        if cache or history:
+            raise ValueError(not_cacheable_message(config))
+        n = config.num_tokens
+        per_step = (n, flops(n, n * n))
+        return {"tokens": steps * rows * n, "flops": steps * rows * per_step[1], "text_tokens": 0, "text_flops": 0}
+    frames = history + 1
+    context = text + frames * tpf
+    frame_pairs = tpf * (text + tpf)  # a clean frame sees the text and itself
+    if not cache:
+        n = context + noisy
+        pairs = text * text + frames * frame_pairs + noisy * n
+        return {"tokens": steps * rows * n, "flops": steps * rows * flops(n, pairs), "text_tokens": 0, "text_flops": 0}
+    return {"tokens": rows * (tpf + steps * noisy),
+            "flops": rows * (flops(tpf, frame_pairs) + steps * flops(noisy, noisy * (context + noisy))),
+            "text_tokens": rows * text, "text_flops": rows * flops(text, text * text)}

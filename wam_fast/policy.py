@@ -1,0 +1,140 @@
+"""``WAMPolicy``: a world action model as a robot loop calls it, with or without the KV cache.
+
+    policy = wam_fast.WAMPolicy(model, steps=4, sampler="ddim", cache=True, history=2, seed=0)
+    policy.reset(text)                        # new episode / instruction: text K/V computed once
+    while running:
+        chunk = policy.act(image_latent)      # (B, 1, C, H, W) current observation -> ActionChunk
+        robot.execute(chunk.actions)          # (B, action_len, action_dim)
+
+``cache=True`` (mask="temporal" models only) sends only the noisy tokens through the model at each
+denoising step (``wam_fast.cache``); ``cache=False`` runs the whole sequence (text, the last
+``history`` frames, the current frame, the noisy tokens) at every step, as ``wam_fast.sample`` does.
+Both give the same chunks for the same seed, to rounding.
+"""
+from __future__ import annotations
+
+import collections
+import numbers
+from typing import Optional
+
+import torch
+
+from wam_fast.cache import TemporalKVCache, not_cacheable_message
+from wam_fast.configs import WAMConfig
+from wam_fast.models.validation import _check_tensor
+from wam_fast.sampling import ActionChunk, _check_options, _check_text, _uses_guidance, run_sampler
+
+
+class WAMPolicy:
+    """Closed-loop sampling of action chunks from a WAMTransformer.
+
+    model      a WAMTransformer (reference or fused); its dtype and device are used throughout
+    steps, sampler   the sampler (``wam_fast.SAMPLERS``) and its number of model evaluations
+    cache      reuse text and frame K/V (needs mask="temporal"; a mask="full" model is refused)
+    history    past frames the model sees (default config.history_frames; temporal models only)
+    seed       seeds the CPU generator all noise comes from (None: a random seed); the stream runs
+               on across act() calls, and ``reset(text, seed=...)`` restarts it
+    cfg_scale, cfg_schedule, uncond_text   classifier-free guidance as in ``wam_fast.sample``.
+               Default 1 (off): distilled students have guidance baked in; pass e.g. 6 for a teacher.
+    """
+
+    def __init__(self, model, steps: int = 4, sampler: str = "ddim", cache: bool = True,
+                 history: Optional[int] = None, seed: Optional[int] = None, *, cfg_scale: float = 1.0,
+                 cfg_schedule: str = "constant"):
+        config = getattr(model, "config", None)
+        if not isinstance(config, WAMConfig) or not callable(model):
+            raise TypeError(f"WAMPolicy expects a WAMTransformer, got {type(model).__name__}")
+        _check_options(config, sampler, steps, cfg_scale, cfg_schedule, 0 if seed is None else seed)
+        if history is None:
+            history = config.history_frames
+        if isinstance(history, bool) or not isinstance(history, numbers.Integral) or \
+                not 0 <= history <= config.history_frames:
+            raise ValueError(f"history must be an int in [0, {config.history_frames}] (the model's "
+                             f"config.history_frames), got {history!r}")
+        if cache and config.mask != "temporal":
+            raise ValueError(not_cacheable_message(config))
+        param = next(model.parameters())
+        self.model, self.config = model, config
+        self.dtype, self.device = param.dtype, param.device
+        self.steps, self.sampler, self.history = int(steps), sampler, int(history)
+        self.cfg_scale, self.cfg_schedule = float(cfg_scale), cfg_schedule
+        self.guided = _uses_guidance(self.cfg_scale, cfg_schedule)
+        self.generator = torch.Generator("cpu")
+        self._seed(seed)
+        self.cache = TemporalKVCache(model) if cache else None
+        self.text: Optional[torch.Tensor] = None  # text rows of the episode (cond, then uncond rows)
+        self.step = 0
+
+    def _seed(self, seed: Optional[int]) -> None:
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory held by the KV cache (0 without one, or before the first reset)."""
+        return 0 if self.cache is None else self.cache.cache_bytes
+
+    def reset(self, text: torch.Tensor, uncond_text: Optional[torch.Tensor] = None,
+              seed: Optional[int] = None) -> None:
+        """Start an episode with instruction ``text`` (B, text_len, text_dim): forget past frames;
+        with the cache, compute the text's K/V (once). ``seed`` restarts the noise stream."""
+        _check_text("text", text, (), self.config, self.dtype, self.device)
+        if seed is not None:
+            self._seed(seed)
+        self.batch = text.shape[0]
+        if self.guided:
+            if uncond_text is None:
+                uncond_text = torch.zeros_like(text)
+            else:
+                _check_text("uncond_text", uncond_text, (self.batch, 1), self.config, self.dtype, self.device)
+            text = torch.cat((text, uncond_text.expand_as(text)))
+        elif uncond_text is not None:
+            raise ValueError("uncond_text given but guidance is off (cfg_scale 1 with a constant schedule)")
+        self.text = text
+        self.step = 0
+        self.frames = collections.deque(maxlen=self.history)  # uncached: the last `history` observations
+        if self.cache is not None:
+            if self.cache.batch != text.shape[0] or self.cache.max_history != self.history:
+                self.cache.setup(text.shape[0], self.history)
+            self.cache.reset()
+            self.cache.fill_text(text)
+
+    @torch.no_grad()
+    def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None) -> ActionChunk:
+        """The action chunk (and predicted future video latents) for the current observation
+        ``image_latent`` (B, 1, C, H, W), a clean latent in the model's dtype and device."""
+        if self.text is None:
+            raise RuntimeError("WAMPolicy.act: call reset(text) first (once per episode / instruction)")
+        c = self.config
+        _check_tensor("image_latent", image_latent,
+                      (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
+        if c.num_robots:
+            if robot_id is None:
+                raise ValueError(f"this model has a robot-id embedding ({c.num_robots} robots): pass robot_id (B,)")
+            _check_tensor("robot_id", robot_id, (self.batch,), None, self.device)
+            if robot_id.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"robot_id must be an integer tensor, got {robot_id.dtype}")
+        elif robot_id is not None:
+            raise ValueError("robot_id given but the model has no robot-id embedding (config.num_robots == 0)")
+        rows = 2 if self.guided else 1
+        image = image_latent.repeat(rows, 1, 1, 1, 1)
+        robot = None if robot_id is None else robot_id.repeat(rows)
+        if self.cache is not None:
+            self.cache.add_frame(image)
+
+            def forward(video, actions, timestep):
+                return self.cache.denoise(video, actions, timestep, robot_id=robot)
+        else:
+            history = torch.cat(tuple(self.frames), dim=1).repeat(rows, 1, 1, 1, 1) if self.frames else None
+
+            def forward(video, actions, timestep):
+                return self.model(video, self.text, actions, timestep, image=image, history=history, robot_id=robot)
+
+        chunk = run_sampler(forward, c, self.batch, self.device, self.dtype, sampler=self.sampler, steps=self.steps,
+                            cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule, generator=self.generator)
+        if self.history:
+            self.frames.append(image_latent)
+        self.step += 1
+        return chunk
