@@ -96,7 +96,7 @@ def test_bench_tiny_writes_schema(tmp_path):
     assert {"device", "workload", "versions", "rows"} <= set(data)
     assert data["workload"] == "tiny"
     assert {"torch", "python", "triton", "commit"} <= set(data["versions"])
-    row, uncached, cached = data["rows"]
+    row, uncached, cached, fp8 = data["rows"]
     assert {"name", "steps", "fp8", "cache", "latency_ms", "p90_ms", "peak_mem_bytes"} <= set(row)
     assert row["name"] == "paper-baseline"
     assert row["steps"] == 2 and row["nfe"] == 4  # CFG batches cond + uncond: 2 per step
@@ -114,9 +114,17 @@ def test_bench_tiny_writes_schema(tmp_path):
     assert w1["temporal + KV cache"]["text_tokens"] == 2 * 226
     assert w1["full (VideoVLA)"]["tflop"] == pytest.approx(4 * 12.76, rel=1e-3)  # DESIGN.md: 12.8 per forward
     assert {e["workload"] for e in data["accounting"]} == {"videovla-5b", "videovla-5b-sim"}
+    # FP8: the quantized model's measured weights are smaller; W1's weight arithmetic (meta device)
+    assert (fp8["name"], fp8["fp8"]) == ("fp8", True) and fp8["speedup_vs"] == "paper-baseline"
+    assert 0 < fp8["weight_bytes"] < row["weight_bytes"]
+    weights = data["weights_w1"]
+    assert weights["bf16"] == pytest.approx(11.15e9, rel=0.01)  # DESIGN.md: 11.1 GB bf16
+    assert weights["fp8_with_adaln"] == pytest.approx(5.61e9, rel=0.01)  # DESIGN.md: 5.6 GB FP8
+    assert weights["fp8_with_adaln"] < weights["fp8"] < 6.5e9  # default: AdaLN projections stay bf16
     # the tables and the environment are printed beside the numbers
     assert "paper-baseline" in result.stdout and "torch" in result.stdout
     assert "x vs temporal-uncached" in result.stdout and "fewer FLOPs" in result.stdout
+    assert "W1 weights (meta-device arithmetic): bf16 11.15 GB" in result.stdout
 
 
 def test_bench_refuses_w1_on_cpu():

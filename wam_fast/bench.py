@@ -56,7 +56,16 @@ def variants(args) -> List[Variant]:
     """The rows to measure, in order (each later issue appends its own)."""
     return [Variant("paper-baseline"),
             Variant("temporal-uncached", policy=True),
-            Variant("temporal-kv-cache", policy=True, cache=True, baseline="temporal-uncached")]
+            Variant("temporal-kv-cache", policy=True, cache=True, baseline="temporal-uncached"),
+            # last: quantize_fp8 swaps the model's linears in place
+            Variant("fp8", prepare=quantize_fp8_in_place, fp8=True, baseline="paper-baseline")]
+
+
+def quantize_fp8_in_place(model: torch.nn.Module) -> torch.nn.Module:
+    """FP8 e4m3 backbone linears (default FP8Config: dynamic per-token activations)."""
+    from wam_fast.quant import quantize_fp8
+
+    return quantize_fp8(model)
 
 
 def temporal_twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -163,6 +172,8 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device) -> dict:
 
     with torch.inference_mode():
         times, peak = time_calls(run_chunk, device, args.warmup, args.repeats)
+    from wam_fast.quant import tensor_bytes
+
     return {
         "name": variant.name,
         "steps": steps,
@@ -171,6 +182,7 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device) -> dict:
         "latency_ms": round(percentile(times, 50), 3),
         "p90_ms": round(percentile(times, 90), 3),
         "peak_mem_bytes": int(peak),
+        "weight_bytes": tensor_bytes(timed),  # measured: the model's parameters and buffers
         # context for the table; not needed to compare rows
         "sampler": kwargs["sampler"],
         "cfg_scale": kwargs["cfg_scale"],
@@ -226,6 +238,16 @@ def accounting(steps: int, rows: int) -> List[dict]:
                         "text_tokens": cost["text_tokens"], "text_tflop": round(cost["text_flops"] / 1e12, 3),
                         "cache_bytes_bf16": cache_bytes(cfg, rows) if cache else 0})
     return out
+
+
+def weight_accounting(workload: str = "videovla-5b") -> dict:
+    """Weight bytes of a workload in bf16 and with FP8 linears, from meta-device builds."""
+    from wam_fast.quant import weight_bytes
+
+    cfg = configs.get(workload)
+    default = weight_bytes(cfg)
+    with_adaln = weight_bytes(cfg, filter_fn=lambda module, name: name.startswith("blocks."))
+    return {"workload": workload, "bf16": default["bf16"], "fp8": default["fp8"], "fp8_with_adaln": with_adaln["fp8"]}
 
 
 def format_accounting(entries: List[dict]) -> str:
@@ -326,8 +348,13 @@ def main(argv=None) -> dict:
           f"{', cond + uncond' if guided_rows == 2 else ''}), no history; block linears + attention "
           f"(arithmetic from the configs):")
     print(format_accounting(costs))
+    weights = weight_accounting()
+    print(f"\nW1 weights (meta-device arithmetic): bf16 {weights['bf16'] / 1e9:.2f} GB, FP8 backbone linears "
+          f"(quantize_fp8 default) {weights['fp8'] / 1e9:.2f} GB, FP8 with the AdaLN projections too "
+          f"{weights['fp8_with_adaln'] / 1e9:.2f} GB; measured for {args.workload}: "
+          + ", ".join(f"{r['name']} {format_bytes(r['weight_bytes'])}" for r in rows))
     result = {"device": env["device"], "workload": args.workload, "versions": versions(env),
-              "environment": env, "rows": rows, "accounting": costs}
+              "environment": env, "rows": rows, "accounting": costs, "weights_w1": weights}
     if args.json:
         directory = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(directory, exist_ok=True)

@@ -57,6 +57,9 @@ def save_pretrained(model, directory: Union[str, Path]) -> Path:
     if not isinstance(model, WAMTransformer):
         raise TypeError(f"save_pretrained expects a WAMTransformer, got {type(model).__name__}")
     directory = Path(directory)
+    if any(type(m).__name__ == "FP8Linear" for m in model.modules()):
+        raise ValueError("save_pretrained writes high-precision models; this one has FP8 layers "
+                         "(quantize_fp8): save it with wam_fast.quant.save_quantized")
     directory.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(model.config.to_dict(), indent=2, sort_keys=True)
     tensors = {}
@@ -89,6 +92,9 @@ def load_pretrained(directory: Union[str, Path], device: Optional[Union[str, tor
     config_dict = json.loads(config_path.read_text())
     with safe_open(str(weights_path), framework="pt") as f:
         metadata = f.metadata() or {}
+    if "wam_fast_quantization" in metadata:
+        raise ValueError(f"{weights_path} is an FP8 checkpoint (written by wam_fast.quant.save_quantized): "
+                         f"load it with wam_fast.quant.load_quantized")
     if metadata.get(FORMAT_KEY) != FORMAT_VERSION:
         raise ValueError(f"{weights_path} is not a wam_fast checkpoint of format {FORMAT_VERSION} "
                          f"(metadata {FORMAT_KEY}={metadata.get(FORMAT_KEY)!r})")

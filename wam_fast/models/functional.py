@@ -119,3 +119,24 @@ def quantize_rowwise(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def ffn_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The FFN's first half: gelu_tanh(x @ weight.T + bias), weight (Nout, K) in nn.Linear layout."""
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static FP8 e4m3 with one precomputed float32 scale: clamp(x / scale) to +-448 (e4m3 has no inf;
+    an unclamped cast of a larger value gives NaN)."""
+    return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_linear(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(x_fp8 @ weight_fp8.T) * x_scale * weight_scale.T + bias in float32, cast to out_dtype.
+
+    x_fp8 (..., K), weight_fp8 (Nout, K) float8_e4m3fn; x_scale (..., 1) per row or one element;
+    weight_scale (Nout,) or (Nout, 1) per output channel. The dequantized float32 reference.
+    """
+    x_scale = x_scale.float().reshape(()) if x_scale.numel() == 1 else x_scale.float()
+    acc = x_fp8.float() @ weight_fp8.float().t()
+    y = acc * x_scale * weight_scale.float().reshape(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

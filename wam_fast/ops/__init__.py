@@ -6,6 +6,7 @@
     qk_norm_rope           kernels/qk_norm_rope.py     ...                           qk_norm_rope.cu
     attention              kernels/attention.py        ...                           -
     ffn_gelu               kernels/ffn_gelu.py         ...                           -
+    fp8_linear             kernels/fp8_linear.py       ...                           - (torch._scaled_mm)
 
 Tests: tests/test_<name>.py; benchmarks: benchmarks/bench_<name>.py; the float32 references are in
 wam_fast/models/functional.py. ``wam_fast.ops.<name>`` is the function; the module holding it and
@@ -18,10 +19,11 @@ from wam_fast.ops._registry import fallbacks, use_backend
 from wam_fast.ops.adaln_modulate import adaln_modulate
 from wam_fast.ops.attention import attention
 from wam_fast.ops.ffn_gelu import ffn_gelu
+from wam_fast.ops.fp8_linear import fp8_linear
 from wam_fast.ops.gated_residual_adaln import gated_residual_adaln
 from wam_fast.ops.qk_norm_rope import qk_norm_rope
 
-OPS = ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention", "ffn_gelu")
+OPS = ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention", "ffn_gelu", "fp8_linear")
 
 
 def backend_table() -> list:
