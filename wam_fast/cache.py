@@ -30,7 +30,7 @@ import torch
 from wam_fast.configs import WAMConfig
 from wam_fast.models.layout import TEXT_SET, VIDEO_SET, SegmentLayout
 from wam_fast.models.transformer import ForwardContext, rope_tables, shift_keys
-from wam_fast.models.validation import _check_tensor
+from wam_fast.models.validation import _check_tensor, check_robot_id
 
 # Key segment ids for ``attention(mask="temporal")``: a query (id QUERY) sees keys with id <= QUERY.
 VISIBLE, QUERY, HIDDEN = 0, 1, 2
@@ -233,8 +233,7 @@ class TemporalKVCache:
                                   "frame: call add_frame(image_latent)") + " first")
         _check_tensor("video", video, model.noisy_video_shape(self.batch), self.dtype, self.device)
         _check_tensor("actions", actions, model.action_shape(self.batch), self.dtype, self.device)
-        if c.num_robots and robot_id is None:
-            raise ValueError(f"this model has a robot-id embedding ({c.num_robots} robots): pass robot_id (B,)")
+        check_robot_id(c, robot_id, self.batch, self.device)
         layout = self._contexts["noisy"].layout
         if isinstance(timestep, numbers.Real):
             timestep = torch.full((self.batch,), float(timestep), device=self.device)

@@ -21,7 +21,7 @@ import torch
 
 from wam_fast.cache import TemporalKVCache, not_cacheable_message
 from wam_fast.configs import WAMConfig
-from wam_fast.models.validation import _check_tensor
+from wam_fast.models.validation import _check_tensor, check_robot_id
 from wam_fast.sampling import ActionChunk, _check_options, _check_text, _uses_guidance, run_sampler
 
 
@@ -110,14 +110,7 @@ class WAMPolicy:
         c = self.config
         _check_tensor("image_latent", image_latent,
                       (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
-        if c.num_robots:
-            if robot_id is None:
-                raise ValueError(f"this model has a robot-id embedding ({c.num_robots} robots): pass robot_id (B,)")
-            _check_tensor("robot_id", robot_id, (self.batch,), None, self.device)
-            if robot_id.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"robot_id must be an integer tensor, got {robot_id.dtype}")
-        elif robot_id is not None:
-            raise ValueError("robot_id given but the model has no robot-id embedding (config.num_robots == 0)")
+        check_robot_id(c, robot_id, self.batch, self.device)
         rows = 2 if self.guided else 1
         image = image_latent.repeat(rows, 1, 1, 1, 1)
         robot = None if robot_id is None else robot_id.repeat(rows)

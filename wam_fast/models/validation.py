@@ -26,6 +26,18 @@ def _check_tensor(name: str, t, expected_shape, dtype, device) -> None:
         raise ValueError(f"{name} is on {t.device} but the model is on {device}; move them to one device")
 
 
+def check_robot_id(config, robot_id, batch: int, device) -> None:
+    """robot_id: (batch,) integer tensor when config.num_robots > 0, else None."""
+    if config.num_robots:
+        if robot_id is None:
+            raise ValueError(f"this model has a robot-id embedding ({config.num_robots} robots): pass robot_id (B,)")
+        _check_tensor("robot_id", robot_id, (batch,), None, device)
+        if robot_id.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"robot_id must be an integer tensor, got {robot_id.dtype}")
+    elif robot_id is not None:
+        raise ValueError("robot_id given but the model has no robot-id embedding (config.num_robots == 0)")
+
+
 def check_forward_inputs(model, video, text, actions, timestep, image, history, robot_id):
     """Validate one forward's inputs; returns (per-segment timesteps (B, S) float32, layout)."""
     c = model.config
@@ -52,14 +64,7 @@ def check_forward_inputs(model, video, text, actions, timestep, image, history, 
         if not 1 <= num_history <= c.history_frames:
             raise ValueError(f"history must hold 1..{c.history_frames} frames (config.history_frames), "
                              f"got {num_history}")
-    if c.num_robots:
-        if robot_id is None:
-            raise ValueError(f"this model has a robot-id embedding ({c.num_robots} robots): pass robot_id (B,)")
-        _check_tensor("robot_id", robot_id, (b,), None, device)
-        if robot_id.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"robot_id must be an integer tensor, got {robot_id.dtype}")
-    elif robot_id is not None:
-        raise ValueError("robot_id given but the model has no robot-id embedding (config.num_robots == 0)")
+    check_robot_id(c, robot_id, b, device)
 
     layout: SegmentLayout = model.layout(num_history, has_image=image is not None or c.mask == "full")
     return _segment_timesteps(timestep, layout, b, device, c.num_train_timesteps), layout
