@@ -91,10 +91,12 @@ if __name__ == "__main__":
             "numpy",
             "safetensors",
             "nvidia-ml-py",
+            "tqdm",  # the distillation trainer's progress bar
         ],
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers"],  # diffusers: the CogVideoX equivalence test
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "matplotlib"],  # diffusers: the CogVideoX equivalence test
             "diffusers": ["diffusers"],
+            "bench": ["matplotlib"],  # the PNG chart of python -m wam_fast.bench
             "sim": ["metaworld", "packaging"],
             "flash": ["flash-attn"],
             "xformers": ["xformers"],

@@ -28,7 +28,7 @@ def episode(model, batch=2, steps=CONTROL_STEPS, seed=1):
 
 
 def run_policy(model, text, frames, cache, history=None, **kwargs):
-    options = dict(steps=3, sampler="ddim", seed=0)
+    options = dict(steps=3, sampler="ddim", seed=0, cfg_scale=1.0)
     options.update(kwargs)
     policy = wam_fast.WAMPolicy(model, cache=cache, history=history, **options)
     policy.reset(text)
@@ -147,7 +147,7 @@ def test_chunk_cost_counts_the_tokens_the_model_runs(cache):
     model = temporal_model(history=2)
     text, frames = episode(model, steps=4)
     seen, handle = count_tokens(model)
-    policy = wam_fast.WAMPolicy(model, steps=3, cache=cache, seed=0)
+    policy = wam_fast.WAMPolicy(model, steps=3, cache=cache, seed=0, cfg_scale=1.0)
     policy.reset(text)
     text_tokens = sum(seen)
     for frame in frames[:3]:

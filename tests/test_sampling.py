@@ -364,15 +364,15 @@ def test_guidance_formula(untrained):
 
 
 def test_samplers_for_objectives():
-    assert samplers_for("v_prediction") == ["ddim", "dpm++2m", "dpm++2m-sde"]
-    assert samplers_for("flow_matching") == ["euler"]
+    assert samplers_for("v_prediction") == ["ddim", "dpm++2m", "dpm++2m-sde", "consistency"]
+    assert samplers_for("flow_matching") == ["euler", "consistency"]
 
 
 # ---- bad input --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(sampler="heun"), ValueError, r"unknown sampler 'heun'; known samplers: \['ddim', 'dpm\+\+2m'"),
+    (dict(sampler="heun"), ValueError, r"unknown sampler 'heun'; known samplers: \['consistency', 'ddim', 'dpm\+\+2m'"),
     (dict(sampler="euler"), ValueError, r"'euler' does not fit this model's objective 'v_prediction'; "
-                                        r"it accepts \['ddim', 'dpm\+\+2m', 'dpm\+\+2m-sde'\]"),
+                                        r"it accepts \['ddim', 'dpm\+\+2m', 'dpm\+\+2m-sde', 'consistency'\]"),
     (dict(steps=0), ValueError, r"steps must be in \[1, 1000\].*got 0"),
     (dict(steps=1001), ValueError, r"steps must be in \[1, 1000\].*got 1001"),
     (dict(steps=2.5), TypeError, r"steps must be an int, got float 2.5"),
@@ -392,7 +392,7 @@ def test_flow_model_rejects_v_prediction_samplers():
     model = wam_fast.WAMTransformer(toy_config("flow_matching"))
     text = condition_texts(model.config)
     with pytest.raises(ValueError, match=r"'ddim' does not fit this model's objective 'flow_matching'; "
-                                         r"it accepts \['euler'\]"):
+                                         r"it accepts \['euler', 'consistency'\]"):
         sample(model, text, sampler="ddim")
 
 

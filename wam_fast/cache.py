@@ -30,7 +30,7 @@ import torch
 from wam_fast.configs import WAMConfig
 from wam_fast.models.layout import TEXT_SET, VIDEO_SET, SegmentLayout
 from wam_fast.models.transformer import ForwardContext, rope_tables, shift_keys
-from wam_fast.models.validation import _check_tensor, check_robot_id
+from wam_fast.models.validation import _check_tensor, check_robot_id, check_step_size
 
 # Key segment ids for ``attention(mask="temporal")``: a query (id QUERY) sees keys with id <= QUERY.
 VISIBLE, QUERY, HIDDEN = 0, 1, 2
@@ -221,10 +221,13 @@ class TemporalKVCache:
         self.k[:, :, :, start:end] = shift_keys(self.encoded_k, cos, sin)
 
     @torch.no_grad()
-    def denoise(self, video: torch.Tensor, actions: torch.Tensor, timestep, robot_id=None):
+    def denoise(self, video: torch.Tensor, actions: torch.Tensor, timestep, robot_id=None, step_size=None):
         """One sample-forward of the noisy tokens only, against the cached text and frames:
-        video (B, F-1, C, H, W), actions (B, K, A), timestep (B,) or a number. Returns
-        (video_out, action_out) as the uncached model would for the same inputs."""
+        video (B, F-1, C, H, W), actions (B, K, A), timestep (B,) or a number, step_size (B,) float
+        or a number for a shortcut student (required there, refused elsewhere; see
+        WAMTransformer.forward: it reaches the noisy tokens only, so the cached text and frame K/V
+        serve every step size). Returns (video_out, action_out) as the uncached model would for the
+        same inputs."""
         c, model = self.config, self.model
         self._require_setup("denoise")
         if not self.text_ready or self.frames == 0:
@@ -234,12 +237,13 @@ class TemporalKVCache:
         _check_tensor("video", video, model.noisy_video_shape(self.batch), self.dtype, self.device)
         _check_tensor("actions", actions, model.action_shape(self.batch), self.dtype, self.device)
         check_robot_id(c, robot_id, self.batch, self.device)
+        step_size = check_step_size(c, step_size, self.batch, self.device)
         layout = self._contexts["noisy"].layout
         if isinstance(timestep, numbers.Real):
             timestep = torch.full((self.batch,), float(timestep), device=self.device)
         _check_tensor("timestep", timestep, (self.batch,), None, self.device)
         # both segments (video, actions) are noisy; no host-to-device copy, so a CUDA graph can hold this
-        temb = model.time_embed(timestep.float()[:, None].expand(-1, layout.num_segments))
+        temb = model.embed_time(timestep.float()[:, None].expand(-1, layout.num_segments), layout, step_size)
         h = torch.cat((model.embed_noisy_video(video), model.action_embed(actions, robot_id)), dim=1)
         return model.predict(self._run("noisy", h, temb), temb, layout, video.shape)
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 MASKS = ("full", "temporal")
 OBJECTIVES = ("v_prediction", "flow_matching")
+DISTILLATIONS = ("", "shortcut", "consistency")  # "" = a teacher (undistilled model)
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,13 @@ class WAMConfig:
     text sees text, each clean frame sees the text and itself, the noisy tokens see everything
     (``wam_fast.models.layout``). ``dataclasses.replace(cfg, mask="temporal")``
     gives the masked variant of a preset with the same weights.
+
+    Distilled students (``wam_fast.distill``, DESIGN.md section 7): ``distillation`` is "" for a
+    teacher, "shortcut" (the model gains a step-size embedding ``step_embed`` and takes
+    ``step_size`` in forward) or "consistency"; ``distilled_steps`` are the step counts it was
+    distilled for (e.g. (1, 2, 4)); ``distilled_cfg_scale`` is the classifier-free guidance scale
+    baked into it (a student samples with cfg_scale 1). ``wam_fast.sampling.default_options`` turns
+    these into the sampler, steps and guidance ``sample()`` and ``WAMPolicy`` use by default.
     """
 
     name: str = "custom"
@@ -47,6 +57,9 @@ class WAMConfig:
     qk_norm_eps: float = 1e-6
     objective: str = "v_prediction"
     num_train_timesteps: int = 1000
+    distillation: str = ""  # "" (teacher), "shortcut" or "consistency"
+    distilled_steps: Tuple[int, ...] = ()  # step counts a student was distilled for, increasing
+    distilled_cfg_scale: float = 1.0  # guidance scale baked into a student
 
     def __post_init__(self):
         def positive(field_name):
@@ -80,6 +93,36 @@ class WAMConfig:
         if sum(axes) != self.head_dim or any(a <= 0 or a % 2 for a in axes):
             raise ValueError(f"rope_axes_dim {axes} must be three positive even sizes summing to "
                              f"head_dim={self.head_dim}")
+        self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        if self.distillation not in DISTILLATIONS:
+            raise ValueError(f"WAMConfig.distillation must be one of {DISTILLATIONS} ('' for a teacher), "
+                             f"got {self.distillation!r}")
+        steps = self.distilled_steps
+        if not isinstance(steps, (tuple, list)) or any(
+                isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in steps):
+            raise ValueError(f"WAMConfig.distilled_steps must be a tuple of ints, got {steps!r}")
+        steps = tuple(int(s) for s in steps)  # a list (JSON, by hand) is stored as the hashable tuple
+        object.__setattr__(self, "distilled_steps", steps)
+        if self.distillation and not steps:
+            raise ValueError(f"WAMConfig.distillation={self.distillation!r} needs distilled_steps, the step "
+                             f"counts the student was distilled for (e.g. (1, 2, 4)), got {steps!r}")
+        if not self.distillation and steps:
+            raise ValueError(f"WAMConfig.distilled_steps={steps!r} given for a teacher (distillation=''); "
+                             f"set distillation='shortcut' or 'consistency', or leave distilled_steps empty")
+        if any(not 1 <= s <= self.num_train_timesteps for s in steps) or \
+                any(a >= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"WAMConfig.distilled_steps must be strictly increasing ints in "
+                             f"[1, {self.num_train_timesteps}] (num_train_timesteps), got {steps!r}")
+        scale = self.distilled_cfg_scale
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"WAMConfig.distilled_cfg_scale must be a finite number >= 0, got {scale!r}")
+        object.__setattr__(self, "distilled_cfg_scale", float(scale))
+        if not self.distillation and scale != 1.0:
+            raise ValueError(f"WAMConfig.distilled_cfg_scale={scale!r} given for a teacher (distillation=''): "
+                             f"a teacher takes its guidance scale at sampling time (cfg_scale); "
+                             f"distilled_cfg_scale is the scale baked into a student")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -131,8 +174,9 @@ class WAMConfig:
         if unknown:
             raise ValueError(f"unknown WAMConfig fields {unknown}; known fields: {sorted(known)}")
         data = dict(data)
-        if data.get("rope_axes_dim") is not None:
-            data["rope_axes_dim"] = tuple(data["rope_axes_dim"])
+        for name in ("rope_axes_dim", "distilled_steps"):  # JSON has lists; the config holds tuples
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         return cls(**data)
 
 

@@ -1,6 +1,6 @@
 """``WAMPolicy``: a world action model as a robot loop calls it, with or without the KV cache.
 
-    policy = wam_fast.WAMPolicy(model, steps=4, sampler="ddim", cache=True, history=2, seed=0)
+    policy = wam_fast.WAMPolicy(student, cache=True, history=2, seed=0)   # the model's own defaults
     policy.reset(text)                        # new episode / instruction: text K/V computed once
     while running:
         chunk = policy.act(image_latent)      # (B, 1, C, H, W) current observation -> ActionChunk
@@ -22,28 +22,34 @@ import torch
 from wam_fast.cache import TemporalKVCache, not_cacheable_message
 from wam_fast.configs import WAMConfig
 from wam_fast.models.validation import _check_tensor, check_robot_id
-from wam_fast.sampling import ActionChunk, _check_options, _check_text, _uses_guidance, run_sampler
+from wam_fast.sampling import (ActionChunk, _check_options, _check_text, _uses_guidance, resolve_options,
+                               run_sampler)
 
 
 class WAMPolicy:
     """Closed-loop sampling of action chunks from a WAMTransformer.
 
     model      a WAMTransformer (reference or fused); its dtype and device are used throughout
-    steps, sampler   the sampler (``wam_fast.SAMPLERS``) and its number of model evaluations
+    steps, sampler   the sampler (``wam_fast.SAMPLERS``) and its number of model evaluations;
+               None: the model's defaults (``wam_fast.sampling.default_options``: a teacher
+               ddim / euler with 10 steps, a student its own sampler at max(distilled_steps)).
+               A shortcut student's forwards get step_size = num_train_timesteps / steps.
     cache      reuse text and frame K/V (needs mask="temporal"; a mask="full" model is refused)
     history    past frames the model sees (default config.history_frames; temporal models only)
     seed       seeds the CPU generator all noise comes from (None: a random seed); the stream runs
                on across act() calls, and ``reset(text, seed=...)`` restarts it
     cfg_scale, cfg_schedule, uncond_text   classifier-free guidance as in ``wam_fast.sample``.
-               Default 1 (off): distilled students have guidance baked in; pass e.g. 6 for a teacher.
+               cfg_scale None: the model's default (6 for a teacher; 1, off, for a distilled
+               student, whose guidance is baked in and which refuses any other scale).
     """
 
-    def __init__(self, model, steps: int = 4, sampler: str = "ddim", cache: bool = True,
-                 history: Optional[int] = None, seed: Optional[int] = None, *, cfg_scale: float = 1.0,
+    def __init__(self, model, steps: Optional[int] = None, sampler: Optional[str] = None, cache: bool = True,
+                 history: Optional[int] = None, seed: Optional[int] = None, *, cfg_scale: Optional[float] = None,
                  cfg_schedule: str = "constant"):
         config = getattr(model, "config", None)
         if not isinstance(config, WAMConfig) or not callable(model):
             raise TypeError(f"WAMPolicy expects a WAMTransformer, got {type(model).__name__}")
+        sampler, steps, cfg_scale = resolve_options(config, sampler, steps, cfg_scale)
         _check_options(config, sampler, steps, cfg_scale, cfg_schedule, 0 if seed is None else seed)
         if history is None:
             history = config.history_frames
@@ -117,13 +123,15 @@ class WAMPolicy:
         if self.cache is not None:
             self.cache.add_frame(image)
 
-            def forward(video, actions, timestep):
-                return self.cache.denoise(video, actions, timestep, robot_id=robot)
+            def forward(video, actions, timestep, step_size):
+                return self.cache.denoise(video, actions, timestep, robot_id=robot, step_size=step_size)
         else:
             history = torch.cat(tuple(self.frames), dim=1).repeat(rows, 1, 1, 1, 1) if self.frames else None
 
-            def forward(video, actions, timestep):
-                return self.model(video, self.text, actions, timestep, image=image, history=history, robot_id=robot)
+            def forward(video, actions, timestep, step_size):
+                extra = {} if step_size is None else {"step_size": step_size}  # teachers keep their signature
+                return self.model(video, self.text, actions, timestep, image=image, history=history, robot_id=robot,
+                                  **extra)
 
         chunk = run_sampler(forward, c, self.batch, self.device, self.dtype, sampler=self.sampler, steps=self.steps,
                             cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule, generator=self.generator)

@@ -15,7 +15,15 @@ ddim           v_prediction     DDIM, eta 0, last step to alpha 1 (returns the x
 dpm++2m        v_prediction     DPM-Solver++(2M): data prediction, multistep, 2nd order
 dpm++2m-sde    v_prediction     stochastic DPM-Solver++(2M) SDE (VideoVLA's released sampler)
 euler          flow_matching    Euler on the flow ODE from s = 1 to s = 0
+consistency    both             multistep consistency sampling (LCM): x0 prediction, re-noised
+                                with fresh noise to the next level; the last step returns x0
 =============  ===============  =============================================================
+
+Distilled students (``config.distillation``, DESIGN.md section 7) carry their own defaults
+(``default_options``): a shortcut student samples with ddim (v_prediction) or euler (flow_matching)
+at one of its ``distilled_steps``, and every forward gets ``step_size = num_train_timesteps / steps``
+(the length of the step its output is used for); a consistency student samples with "consistency".
+Both have classifier-free guidance baked in, so they refuse a guidance scale other than 1.
 """
 from __future__ import annotations
 
@@ -174,14 +182,64 @@ class EulerSampler(Sampler):
         return x + (self.sigmas[i + 1] - self.sigmas[i]) * model_out  # sigma == s for flow matching
 
 
+class ConsistencySampler(Sampler):
+    """Multistep consistency sampling (LCM, Luo et al. 2023), for either objective.
+
+    At step i the model's output gives the clean prediction x0 (``x0_eps_at``); the next state is
+    ``alpha_next x0 + sigma_next z`` with fresh z from the sampler's generator (on CPU, then moved);
+    the last step (alpha 1, sigma 0) returns x0. With one step it is one x0 prediction from pure noise.
+    """
+
+    name = "consistency"
+    objectives = ("v_prediction", "flow_matching")
+
+    def step(self, i, x, model_out):
+        x0, _ = self._x0_eps(i, x, model_out)
+        sigma_next = self.sigmas[i + 1]
+        if sigma_next == 0.0:
+            return x0
+        z = torch.randn(x.shape, generator=self.generator,
+                        device=self.generator.device if self.generator is not None else x.device)
+        return self.alphas[i + 1] * x0 + sigma_next * z.to(device=x.device, dtype=x.dtype)
+
+
 SAMPLERS: Dict[str, Type[Sampler]] = {
-    cls.name: cls for cls in (DDIMSampler, DPMSolverPP2MSampler, DPMSolverPP2MSDESampler, EulerSampler)
+    cls.name: cls for cls in (DDIMSampler, DPMSolverPP2MSampler, DPMSolverPP2MSDESampler, EulerSampler,
+                              ConsistencySampler)
 }
+SHORTCUT_SAMPLERS = ("ddim", "euler")  # first-order one-step updates: what a shortcut student's average velocity fits
 
 
 def samplers_for(objective: str) -> List[str]:
     """Names of the samplers that accept a model trained with ``objective``."""
     return [name for name, cls in SAMPLERS.items() if objective in cls.objectives]
+
+
+def default_options(config) -> Tuple[str, int, float]:
+    """(sampler, steps, cfg_scale) that ``sample`` and ``WAMPolicy`` use for options left None.
+
+    teacher:             ("ddim" for v_prediction, "euler" for flow_matching, 10, 6.0)
+    shortcut student:    (the same ddim / euler, max(distilled_steps), 1.0)
+    consistency student: ("consistency", max(distilled_steps), 1.0)
+    """
+    first_order = "ddim" if config.objective == "v_prediction" else "euler"
+    if config.distillation == "shortcut":
+        return first_order, max(config.distilled_steps), 1.0
+    if config.distillation == "consistency":
+        return "consistency", max(config.distilled_steps), 1.0
+    return first_order, 10, 6.0
+
+
+def resolve_options(config, sampler, steps, cfg_scale):
+    """``sampler``, ``steps``, ``cfg_scale`` with each None replaced by ``default_options(config)``."""
+    defaults = default_options(config)
+    return tuple(default if value is None else value for value, default in zip((sampler, steps, cfg_scale), defaults))
+
+
+def step_size_for(config, steps: int) -> Optional[float]:
+    """The step size a shortcut student's forwards get when sampled in ``steps`` steps
+    (num_train_timesteps / steps, model-timestep units); None for every other model."""
+    return config.num_train_timesteps / steps if config.distillation == "shortcut" else None
 
 
 # ---- guidance -------------------------------------------------------------------------------------
@@ -249,22 +307,49 @@ def _check_options(config, sampler, steps, cfg_scale, cfg_schedule, seed) -> Non
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    _check_student_options(config, sampler, steps, cfg_scale, cfg_schedule)
+
+
+def _check_student_options(config, sampler, steps, cfg_scale, cfg_schedule) -> None:
+    """A distilled student samples the way it was distilled: guidance off (it is baked in) and, for
+    a shortcut student, a first-order sampler at one of its distilled step counts."""
+    kind = config.distillation
+    if not kind:
+        return
+    if _uses_guidance(cfg_scale, cfg_schedule):
+        raise ValueError(f"guidance scale {config.distilled_cfg_scale:g} is baked in: this {kind} student "
+                         f"(config.distilled_cfg_scale) samples without classifier-free guidance, cfg_scale=1 "
+                         f"(or None); got cfg_scale={cfg_scale!r} with the {cfg_schedule!r} schedule")
+    if kind == "shortcut":
+        if sampler not in SHORTCUT_SAMPLERS:
+            raise ValueError(f"a shortcut student samples with {SHORTCUT_SAMPLERS[0]!r} (v_prediction) or "
+                             f"{SHORTCUT_SAMPLERS[1]!r} (flow_matching): it predicts the average velocity over "
+                             f"one step, which a first-order update uses; got sampler {sampler!r}")
+        if steps not in config.distilled_steps:
+            raise ValueError(f"this shortcut student was distilled for steps {config.distilled_steps} "
+                             f"(config.distilled_steps), got steps={steps}")
 
 
 @torch.no_grad()
-def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, sampler: str = "ddim",
-           steps: int = 10, cfg_scale: float = 6.0, cfg_schedule: str = "constant",
+def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, sampler: Optional[str] = None,
+           steps: Optional[int] = None, cfg_scale: Optional[float] = None, cfg_schedule: str = "constant",
            uncond_text: Optional[torch.Tensor] = None, seed: int = 0, return_video: bool = False,
-           history: Optional[torch.Tensor] = None, robot_id: Optional[torch.Tensor] = None) -> ActionChunk:
+           history: Optional[torch.Tensor] = None, robot_id: Optional[torch.Tensor] = None,
+           noise: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> ActionChunk:
     """Denoise one action chunk (and future video latents) per row of ``text``.
 
     model      a WAMTransformer (or anything with its call signature, ``config`` and parameters)
     text       (B, text_len, text_dim) in the model's dtype and device
     image, history, robot_id   passed to the model unchanged (see WAMTransformer.forward)
+    sampler, steps, cfg_scale   None: the model's defaults, ``default_options(model.config)``
+               (a teacher: ddim (v_prediction) / euler (flow_matching), 10 steps, cfg_scale 6;
+               a distilled student: its own sampler, max(distilled_steps), 1)
     sampler    a name of ``SAMPLERS`` that fits ``model.config.objective`` (``samplers_for``)
-    steps      model evaluations, 1 .. num_train_timesteps
+    steps      model evaluations, 1 .. num_train_timesteps (a shortcut student: one of
+               config.distilled_steps; its forwards get step_size = num_train_timesteps / steps)
     cfg_scale  classifier-free guidance: ``out = uncond + scale * (cond - uncond)``; 1 turns it
-               off (constant schedule), 0 gives the unconditional model
+               off (constant schedule), 0 gives the unconditional model. Students refuse guidance
+               (it is baked in: config.distilled_cfg_scale)
     cfg_schedule  "constant", or "dynamic": CogVideoX / VideoVLA's ramp
                ``scale(p) = 1 + cfg_scale * (1 - cos(pi * p**5)) / 2`` with ``p = 1 - t / T`` the
                fraction of the way through the schedule at the step's timestep t (see
@@ -274,6 +359,9 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
     seed       the initial noise (video first, then actions) and any sampler noise come from
                ``torch.Generator("cpu").manual_seed(seed)``, so a seed gives the same draws on
                every device
+    noise      (video_noise (B, noisy_frames, C, H, W), action_noise (B, K, A)) float32: the
+               initial noise instead of the seed's first draws (the seed still drives any sampler
+               noise), so two models can start from the same noise
     return_video  also return the predicted video latents
 
     With guidance on, every step runs ONE forward of 2B rows (cond rows first, then uncond),
@@ -288,6 +376,7 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
     if param is None:
         raise ValueError("model has no parameters, so its dtype and device are unknown")
     dtype, device = param.dtype, param.device
+    sampler, steps, cfg_scale = resolve_options(config, sampler, steps, cfg_scale)
     _check_options(config, sampler, steps, cfg_scale, cfg_schedule, seed)
     steps, cfg_scale, seed = int(steps), float(cfg_scale), int(seed)
     _check_text("text", text, (), config, dtype, device)
@@ -307,37 +396,65 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
 
     generator = torch.Generator("cpu").manual_seed(seed)
 
-    def forward(video, actions, timestep):
-        return model(video, text, actions, timestep, image=image, history=history, robot_id=robot_id)
+    def forward(video, actions, timestep, step_size):
+        # step_size only where there is one: a teacher (or a wrapper of one) keeps its call signature
+        extra = {} if step_size is None else {"step_size": step_size}
+        return model(video, text, actions, timestep, image=image, history=history, robot_id=robot_id, **extra)
 
     chunk = run_sampler(forward, config, batch, device, dtype, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                        cfg_schedule=cfg_schedule, generator=generator)
+                        cfg_schedule=cfg_schedule, generator=generator, noise=noise)
     return chunk if return_video else dataclasses.replace(chunk, video=None)
 
 
+def _initial_noise(noise, video_shape, action_shape, generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``noise`` checked, or (video, actions) drawn from ``generator`` (video first)."""
+    if noise is None:
+        return torch.randn(video_shape, generator=generator), torch.randn(action_shape, generator=generator)
+    if not isinstance(noise, (tuple, list)) or len(noise) != 2:
+        raise TypeError(f"noise must be a pair (video_noise, action_noise) of tensors, got {type(noise).__name__}"
+                        + (f" of length {len(noise)}" if isinstance(noise, (tuple, list)) else ""))
+    for name, x, shape in (("video", noise[0], video_shape), ("action", noise[1], action_shape)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"noise: the {name} noise must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"noise: the {name} noise must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"noise: the {name} noise must be float32 (the sampler state's dtype), got {x.dtype}")
+    return noise[0], noise[1]
+
+
 def run_sampler(forward, config, batch: int, device, dtype, *, sampler: str, steps: int, cfg_scale: float,
-                cfg_schedule: str, generator: torch.Generator) -> ActionChunk:
+                cfg_schedule: str, generator: torch.Generator,
+                noise: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> ActionChunk:
     """The sampling loop of ``sample`` (and of ``WAMPolicy``), with validated options.
 
-    ``forward(video, actions, timestep)`` evaluates the model on rows * batch rows (rows = 2 with
-    guidance: cond rows first, then uncond) and returns (video_out, action_out). The initial noise
-    (video first, then actions) and any sampler noise come from ``generator`` (a CPU generator).
-    Returns the chunk with its video latents.
+    ``forward(video, actions, timestep, step_size)`` evaluates the model on rows * batch rows
+    (rows = 2 with guidance: cond rows first, then uncond) and returns (video_out, action_out).
+    ``timestep`` is a float32 (rows * batch,) tensor; ``step_size`` is None, except for a shortcut
+    student (config.distillation == "shortcut"): a float32 (rows * batch,) tensor filled with
+    num_train_timesteps / steps. The initial noise (video first, then actions) comes from
+    ``noise`` = (video (B, noisy_frames, C, H, W), actions (B, K, A)) float32 when given (the
+    generator is then not used for it), else from ``generator`` (a CPU generator), which also
+    gives any sampler noise. Returns the chunk with its video latents.
     """
     guided = _uses_guidance(cfg_scale, cfg_schedule)
     video_shape = (batch, config.noisy_frames, config.latent_channels, config.latent_height, config.latent_width)
     action_shape = (batch, config.action_len, config.action_dim)
     video_size = math.prod(video_shape[1:])
-    x = torch.cat((torch.randn(video_shape, generator=generator).flatten(1),
-                   torch.randn(action_shape, generator=generator).flatten(1)), dim=1).to(device)
+    video_noise, action_noise = _initial_noise(noise, video_shape, action_shape, generator)
+    x = torch.cat((video_noise.flatten(1).to(device), action_noise.flatten(1).to(device)), dim=1)
 
     solver = SAMPLERS[sampler](schedule_for(config), steps, generator)
     rows = 2 if guided else 1
+    size = step_size_for(config, steps)
+    # one tensor for every step: the step size is the same at each step of a fixed-grid sampler
+    step_size = None if size is None else torch.full((rows * batch,), size, device=device, dtype=torch.float32)
     for i, t in enumerate(solver.timesteps):
         x_in = x.to(dtype).repeat(rows, 1)
         timestep = torch.full((rows * batch,), t, device=device, dtype=torch.float32)
         video_out, action_out = forward(x_in[:, :video_size].reshape((rows * batch,) + video_shape[1:]),
-                                        x_in[:, video_size:].reshape((rows * batch,) + action_shape[1:]), timestep)
+                                        x_in[:, video_size:].reshape((rows * batch,) + action_shape[1:]), timestep,
+                                        step_size)
         out = torch.cat((video_out.flatten(1), action_out.flatten(1)), dim=1).float()
         if guided:
             cond, uncond = out.chunk(2)

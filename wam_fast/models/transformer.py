@@ -259,7 +259,7 @@ class OutputAdaLN(nn.Module):
 class WAMTransformer(nn.Module):
     """Reference world action model (VideoVLA / CogVideoX-5B anatomy, DESIGN.md section 1).
 
-    forward(video, text, actions, timestep, image=None, history=None, robot_id=None)
+    forward(video, text, actions, timestep, image=None, history=None, robot_id=None, step_size=None)
       video    (B, F, C, H, W) noisy latents; F = config.noisy_frames (all latent frames for
                mask="full", the future ones, latent_frames - 1, for mask="temporal")
       text     (B, text_len, text_dim) text-encoder embeddings (T5-XXL for VideoVLA)
@@ -271,8 +271,18 @@ class WAMTransformer(nn.Module):
       history  (B, h, C, H, W) clean past frames, oldest first (the last is one control step
                before the image), h <= history_frames (temporal only)
       robot_id (B,) long, when config.num_robots > 0
+      step_size (B,) float (or a number), shortcut students only (config.distillation ==
+               "shortcut"; required there, refused elsewhere): the length, in model timesteps, of the
+               sampling step the output is used for (num_train_timesteps / steps; 0 = the
+               instantaneous velocity a teacher predicts). Its embedding ``step_embed`` is added to
+               the time embedding of the noisy segments (video, actions) only, so clean context
+               (text, frames) and its K/V do not depend on it (the KV cache stays exact).
     returns (video_out, action_out) shaped like video and actions: the v-prediction (or the flow
-    velocity when config.objective == "flow_matching").
+    velocity when config.objective == "flow_matching"); for a shortcut student, the average
+    velocity over a step of ``step_size``.
+
+    A shortcut student has ``step_embed`` (a TimestepEmbedding) whose last linear is zero at
+    initialisation, so a fresh student computes exactly what the same weights without it do.
     """
 
     def __init__(self, config: WAMConfig):
@@ -285,6 +295,11 @@ class WAMTransformer(nn.Module):
         self.text_proj = nn.Linear(config.text_dim, dim)
         self.action_embed = ActionEmbed(config.action_dim, config.action_len, dim, config.num_robots)
         self.time_embed = TimestepEmbedding(dim, config.time_embed_dim)
+        if config.distillation == "shortcut":
+            self.step_embed = TimestepEmbedding(dim, config.time_embed_dim)
+            # zero output: a fresh student is exactly its teacher, whatever the step size
+            nn.init.zeros_(self.step_embed.linear_2.weight)
+            nn.init.zeros_(self.step_embed.linear_2.bias)
         self.blocks = nn.ModuleList(WAMBlock(config) for _ in range(config.num_layers))
         self.norm_final = nn.LayerNorm(dim, eps=config.norm_eps)
         self.video_out_norm = OutputAdaLN(config.time_embed_dim, dim, config.norm_eps)
@@ -305,11 +320,12 @@ class WAMTransformer(nn.Module):
         return (batch, self.config.action_len, self.config.action_dim)
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, video, text, actions, timestep, image=None, history=None, robot_id=None):
+    def forward(self, video, text, actions, timestep, image=None, history=None, robot_id=None, step_size=None):
         from wam_fast.models.validation import check_forward_inputs
 
         c = self.config
-        timestep, layout = check_forward_inputs(self, video, text, actions, timestep, image, history, robot_id)
+        timestep, layout, step_size = check_forward_inputs(self, video, text, actions, timestep, image, history,
+                                                           robot_id, step_size)
         ctx = ForwardContext(layout, c, video.device)
 
         tokens = [self.text_proj(text)]
@@ -318,13 +334,26 @@ class WAMTransformer(nn.Module):
             if clean:
                 tokens.append(self.embed_clean_frames(torch.cat(clean, dim=1)))
         tokens += [self.embed_noisy_video(video, image), self.action_embed(actions, robot_id)]
-        temb = self.time_embed(timestep)  # (B, S, E)
+        temb = self.embed_time(timestep, layout, step_size)  # (B, S, E)
         h = self.run_blocks(torch.cat(tokens, dim=1), temb, ctx)
         return self.predict(h, temb, layout, video.shape)
 
     # The pieces of forward, shared with the KV cache (wam_fast.cache), which runs them on parts of
     # the token sequence: text once per instruction, a clean frame once per control step, and only
     # the noisy tokens at each denoising step.
+    def embed_time(self, timestep: torch.Tensor, layout: SegmentLayout, step_size=None) -> torch.Tensor:
+        """(B, S) float32 per-segment timesteps -> (B, S, E) time embeddings; with ``step_size``
+        (B,) float32 (shortcut students), ``step_embed(step_size)`` is added to the noisy segments
+        (video and actions, the last two of every layout) and to no clean context segment."""
+        temb = self.time_embed(timestep)
+        if step_size is None:
+            return temb
+        start = layout.index("video")
+        if layout.names[start:] != ("video", "actions"):
+            raise RuntimeError(f"embed_time expects the noisy segments (video, actions) last, got {layout.names}")
+        step = self.step_embed(step_size)[:, None]  # (B, 1, E)
+        return torch.cat((temb[:, :start], temb[:, start:] + step), dim=1)
+
     def embed_clean_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, n, C, H, W) clean frames (temporal) -> tokens. A clean frame sees itself as the image
         channels: what a full-mask teacher sees for frame 0 at t=0."""

@@ -1,6 +1,9 @@
 """Input checks for WAMTransformer.forward: every refusal says what was expected and what came."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from wam_fast.models.layout import SegmentLayout
@@ -38,8 +41,45 @@ def check_robot_id(config, robot_id, batch: int, device) -> None:
         raise ValueError("robot_id given but the model has no robot-id embedding (config.num_robots == 0)")
 
 
-def check_forward_inputs(model, video, text, actions, timestep, image, history, robot_id):
-    """Validate one forward's inputs; returns (per-segment timesteps (B, S) float32, layout)."""
+def check_step_size(config, step_size, batch: int, device):
+    """The step size of a shortcut student's forward: a number or a (batch,) floating tensor of
+    finite values >= 0 (model-timestep units); None for every other model. Returns it as a
+    (batch,) float32 tensor on ``device``, or None.
+
+    Values are read only where that costs no device sync (a number, a CPU tensor outside torch.compile);
+    on an accelerator only the metadata is checked, as for timesteps."""
+    if config.distillation != "shortcut":
+        if step_size is not None:
+            kind = f"a {config.distillation} student" if config.distillation else "a teacher (distillation='')"
+            raise ValueError(f"step_size given but this model is {kind}: only a shortcut student "
+                             f"(config.distillation='shortcut') has a step-size embedding")
+        return None
+    if step_size is None:
+        raise ValueError("this shortcut student needs step_size (B,): the length of the sampling step in "
+                         f"model timesteps, num_train_timesteps / steps (e.g. {config.num_train_timesteps} "
+                         f"/ {config.distilled_steps[-1]}), or 0 for the instantaneous velocity")
+    if isinstance(step_size, numbers.Real) and not isinstance(step_size, bool):
+        if not (math.isfinite(step_size) and step_size >= 0):
+            raise ValueError(f"step_size must be finite and >= 0, got {step_size!r}")
+        return torch.full((batch,), float(step_size), device=device)
+    if not isinstance(step_size, torch.Tensor):
+        raise TypeError(f"step_size must be a number or a float tensor (B,), got {type(step_size).__name__}")
+    if not step_size.is_floating_point():
+        raise TypeError(f"step_size must be a floating-point tensor, got {step_size.dtype}")
+    if tuple(step_size.shape) != (batch,):
+        raise ValueError(f"step_size must have shape ({batch},), got {tuple(step_size.shape)}")
+    if step_size.device != device:
+        raise ValueError(f"step_size is on {step_size.device} but the model is on {device}")
+    # values: on the CPU only, and not while torch.compile traces (a data-dependent branch breaks the graph)
+    if step_size.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            not bool(((step_size >= 0) & step_size.isfinite()).all()):
+        raise ValueError(f"step_size must be finite and >= 0, got {step_size.tolist()}")
+    return step_size.float()
+
+
+def check_forward_inputs(model, video, text, actions, timestep, image, history, robot_id, step_size=None):
+    """Validate one forward's inputs; returns (per-segment timesteps (B, S) float32, layout,
+    step size (B,) float32 or None)."""
     c = model.config
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
@@ -65,9 +105,10 @@ def check_forward_inputs(model, video, text, actions, timestep, image, history, 
             raise ValueError(f"history must hold 1..{c.history_frames} frames (config.history_frames), "
                              f"got {num_history}")
     check_robot_id(c, robot_id, b, device)
+    step_size = check_step_size(c, step_size, b, device)
 
     layout: SegmentLayout = model.layout(num_history, has_image=image is not None or c.mask == "full")
-    return _segment_timesteps(timestep, layout, b, device, c.num_train_timesteps), layout
+    return _segment_timesteps(timestep, layout, b, device, c.num_train_timesteps), layout, step_size
 
 
 def _segment_timesteps(timestep, layout: SegmentLayout, batch: int, device, num_train_timesteps: int):
