@@ -1,5 +1,5 @@
-"""Packaging and CLIs: a lean import, `python -m wam_fast.info`, `python -m wam_fast.bench`, and
-setup.py's decision on the CUDA extension."""
+"""Packaging and CLIs: a lean import, `python -m wam_fast.info`, and setup.py's decision on the CUDA
+extension (`python -m wam_fast.bench` is tested in tests/test_bench.py)."""
 import importlib.util
 import json
 import os
@@ -85,59 +85,6 @@ def test_info_json_is_data():
     for section in sections:
         for row in section["rows"]:
             assert set(row) == {"name", "status", "detail"}
-
-
-def test_bench_tiny_writes_schema(tmp_path):
-    path = tmp_path / "bench.json"
-    result = run_python("-m", "wam_fast.bench", "--workload", "tiny", "--device", "cpu", "--steps", "2",
-                        "--repeats", "1", "--warmup", "0", "--json", str(path))
-    assert result.returncode == 0, result.stderr
-    data = json.loads(path.read_text())
-    assert {"device", "workload", "versions", "rows"} <= set(data)
-    assert data["workload"] == "tiny"
-    assert {"torch", "python", "triton", "commit"} <= set(data["versions"])
-    row, uncached, cached, fp8 = data["rows"]
-    assert {"name", "steps", "fp8", "cache", "latency_ms", "p90_ms", "peak_mem_bytes"} <= set(row)
-    assert row["name"] == "paper-baseline"
-    assert row["steps"] == 2 and row["nfe"] == 4  # CFG batches cond + uncond: 2 per step
-    assert row["fp8"] is False and row["cache"] is False
-    assert 0 < row["latency_ms"] <= row["p90_ms"] and row["peak_mem_bytes"] > 0
-    # the temporal twin through WAMPolicy, without and with the KV cache, and the measured ratio
-    assert (uncached["name"], uncached["cache"], uncached["tokens"]) == ("temporal-uncached", False, 44)
-    assert (cached["name"], cached["cache"], cached["tokens"]) == ("temporal-kv-cache", True, 20)
-    assert cached["speedup"] == round(uncached["latency_ms"] / cached["latency_ms"], 3)
-    # arithmetic per chunk for W1: 2 steps x 2 rows of 1256 tokens, or the frame (256) once and
-    # 774 noisy tokens per step; text (226) once per instruction
-    w1 = {e["model"]: e for e in data["accounting"] if e["workload"] == "videovla-5b"}
-    assert w1["temporal"]["tokens"] == 2 * 2 * 1256 and w1["full (VideoVLA)"]["tokens"] == 2 * 2 * 1256
-    assert w1["temporal + KV cache"]["tokens"] == 2 * (256 + 2 * 774)
-    assert w1["temporal + KV cache"]["text_tokens"] == 2 * 226
-    assert w1["full (VideoVLA)"]["tflop"] == pytest.approx(4 * 12.76, rel=1e-3)  # DESIGN.md: 12.8 per forward
-    assert {e["workload"] for e in data["accounting"]} == {"videovla-5b", "videovla-5b-sim"}
-    # FP8: the quantized model's measured weights are smaller; W1's weight arithmetic (meta device)
-    assert (fp8["name"], fp8["fp8"]) == ("fp8", True) and fp8["speedup_vs"] == "paper-baseline"
-    assert 0 < fp8["weight_bytes"] < row["weight_bytes"]
-    weights = data["weights_w1"]
-    assert weights["bf16"] == pytest.approx(11.15e9, rel=0.01)  # DESIGN.md: 11.1 GB bf16
-    assert weights["fp8_with_adaln"] == pytest.approx(5.61e9, rel=0.01)  # DESIGN.md: 5.6 GB FP8
-    assert weights["fp8_with_adaln"] < weights["fp8"] < 6.5e9  # default: AdaLN projections stay bf16
-    # the tables and the environment are printed beside the numbers
-    assert "paper-baseline" in result.stdout and "torch" in result.stdout
-    assert "x vs temporal-uncached" in result.stdout and "fewer FLOPs" in result.stdout
-    assert "W1 weights (meta-device arithmetic): bf16 11.15 GB" in result.stdout
-
-
-def test_bench_refuses_w1_on_cpu():
-    result = run_python("-m", "wam_fast.bench", "--workload", "videovla-5b", "--device", "cpu")
-    assert result.returncode == 2
-    assert "refusing to run videovla-5b on CPU" in result.stderr
-    assert "--allow-cpu-large" in result.stderr
-
-
-def test_bench_rejects_bad_steps():
-    result = run_python("-m", "wam_fast.bench", "--steps", "0")
-    assert result.returncode == 2
-    assert "--steps must be >= 1" in result.stderr
 
 
 def test_cuda_build_reason_env_skip():

@@ -140,9 +140,16 @@ def fallbacks_section():
         for f in taken]
 
 
+def compile_section():
+    """wam_fast.compile's backends and optional attention kernels: usable here, or why not (install lines)."""
+    from wam_fast.compiler import capabilities
+
+    return "compile (wam_fast.compile backends and attention kernels)", capabilities()
+
+
 # Order of the report; append a function to add a section.
 SECTIONS = [versions_section, device_section, extension_section, triton_section, ops_section,
-            fallbacks_section, optional_section]
+            fallbacks_section, compile_section, optional_section]
 
 
 def report() -> list:

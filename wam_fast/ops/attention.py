@@ -7,16 +7,24 @@ k_segments (Nk,) integer segment ids; a query of segment i sees the keys of segm
 position; ids need not be sorted). A query that sees no key at all gets zeros (SDPA would give NaN).
 The output is a fresh (B, H, Nq, hd) tensor in q's dtype. Backends: Triton (flash-style forward,
 online softmax, fp32 accumulation, fully masked key blocks skipped), torch (SDPA).
+
+Optional external kernels (``EXTERNAL_BACKENDS``: flash-attn, xformers) serve full-mask calls of the
+modules ``wam_fast.compile`` swaps in (``CompileConfig(attention="flash-attn")``) through
+``attention_with(backend, q, k, v)``. They are detected with ``importlib.util.find_spec`` and
+imported only when a call runs (``import wam_fast`` never imports them); a call they cannot take
+(CPU tensors, fp32, head_dim, ...) runs this op instead and the fallback is noted once
+(``wam_fast.ops.fallbacks()``, ``python -m wam_fast.info``).
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional
 
 import torch
 
 from wam_fast.models import functional as WF
 from wam_fast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
-from wam_fast.ops._registry import OpBackends, device_reasons, kernel_module
+from wam_fast.ops._registry import OpBackends, _note_fallback, device_reasons, kernel_module
 
 OP = "attention"
 BACKENDS = OpBackends(OP)
@@ -131,3 +139,79 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Opt
     else:
         q_segments = k_segments = None
     return torch.ops.wam_fast.attention.default(q, k, v, q_segments, k_segments, mask)
+
+
+# ---- optional external kernels: flash-attn, xformers ----------------------------------------------------
+# name -> python module, install line, dtypes and head dims the kernel takes (full mask only)
+EXTERNAL_BACKENDS = {
+    "flash-attn": {"module": "flash_attn", "install": "pip install flash-attn --no-build-isolation",
+                   "dtypes": (torch.float16, torch.bfloat16), "max_head_dim": 256, "head_dim_multiple": 8},
+    "xformers": {"module": "xformers", "install": "pip install xformers",
+                 "dtypes": (torch.float16, torch.bfloat16, torch.float32), "max_head_dim": 256,
+                 "head_dim_multiple": 1},
+}
+ATTENTION_BACKENDS = ("auto",) + tuple(EXTERNAL_BACKENDS)  # "auto": this op's own dispatch (cuda/triton/torch)
+
+
+def _find_spec(module: str):
+    try:
+        return importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a broken parent package: treat as missing
+        return None
+
+
+def external_reason(name: str) -> Optional[str]:
+    """Why the optional attention backend ``name`` cannot run on this machine, or None. Names the
+    package and its install line when it is missing. Nothing is imported."""
+    if name not in EXTERNAL_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {ATTENTION_BACKENDS}")
+    spec = EXTERNAL_BACKENDS[name]
+    if _find_spec(spec["module"]) is None:
+        return f"{name} is not installed (python module {spec['module']!r}): {spec['install']}"
+    if not torch.cuda.is_available():
+        return f"{name} runs on CUDA GPUs only, and no CUDA device is visible"
+    return None
+
+
+def external_rejects(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str = "full") -> List[str]:
+    """Reasons the optional backend ``name`` cannot take this call ([] = it can)."""
+    spec = EXTERNAL_BACKENDS[name]
+    reasons = []
+    if mask != "full":
+        reasons.append(f"mask={mask!r} (segment masks run in wam_fast's own kernel)")
+    devices = {t.device.type for t in (q, k, v)}
+    if devices != {"cuda"}:
+        reasons.append(f"needs CUDA tensors, got {sorted(devices)}")
+    if q.dtype not in spec["dtypes"]:
+        reasons.append(f"dtype {q.dtype} (takes {[str(d).replace('torch.', '') for d in spec['dtypes']]})")
+    hd = q.shape[-1]
+    if hd > spec["max_head_dim"] or hd % spec["head_dim_multiple"]:
+        reasons.append(f"head_dim {hd} (takes multiples of {spec['head_dim_multiple']} up to {spec['max_head_dim']})")
+    return reasons
+
+
+def _run_external(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # both kernels take (B, N, H, hd) with a unit last-dim stride: transposed views of (B, H, N, hd)
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
+    if name == "flash-attn":
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(q_, k_, v_)
+    else:
+        from xformers.ops import memory_efficient_attention
+
+        out = memory_efficient_attention(q_, k_, v_)
+    return out.transpose(1, 2)
+
+
+def attention_with(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full-mask attention over (B, H, N, hd) through ``backend``: "auto" is ``attention`` (this op's
+    own dispatch); "flash-attn" / "xformers" run that package's kernel where it takes the call and
+    ``attention`` otherwise, noting the fallback once. Returns (B, H, Nq, hd) in q's dtype."""
+    if backend != "auto":
+        why = external_reason(backend)
+        reasons = [why] if why is not None else external_rejects(backend, q, k, v)
+        if not reasons:
+            return _run_external(backend, q, k, v)
+        _note_fallback(OP, "wam_fast", [f"{backend}: {'; '.join(reasons)}"])
+    return attention(q, k, v)
