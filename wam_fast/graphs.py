@@ -154,21 +154,13 @@ class PolicyGraphs:
     # -- act --
     @torch.no_grad()
     def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None):
-        from wam_fast.models.validation import _check_tensor, check_robot_id
         from wam_fast.sampling import _initial_noise, run_sampler
 
         p = self.policy
-        if p.text is None:
-            raise RuntimeError("WAMPolicy.act: call reset(text) first (once per episode / instruction)")
+        rows, image, robot = p.observation_rows(image_latent, robot_id)
         if p.cache is None:
             raise RuntimeError("the policy's KV cache was removed after compile; its graphs need it")
         c = p.config
-        _check_tensor("image_latent", image_latent,
-                      (p.batch, 1, c.latent_channels, c.latent_height, c.latent_width), p.dtype, p.device)
-        check_robot_id(c, robot_id, p.batch, p.device)
-        rows = 2 if p.guided else 1
-        image = image_latent.repeat(rows, 1, 1, 1, 1)
-        robot = None if robot_id is None else robot_id.repeat(rows)
         p.cache.add_frame(image)  # outside the graph
         entry = self._entry(rows, robot)
         if entry.robot is not None:
@@ -188,9 +180,7 @@ class PolicyGraphs:
 
             chunk = run_sampler(forward, c, p.batch, p.device, p.dtype, sampler=p.sampler, steps=p.steps,
                                 cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule, generator=p.generator)
-        if p.history:
-            p.frames.append(image_latent)
-        p.step += 1
+        p.end_step(image_latent)
         return chunk
 
     # -- capture --

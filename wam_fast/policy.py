@@ -111,15 +111,8 @@ class WAMPolicy:
     def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None) -> ActionChunk:
         """The action chunk (and predicted future video latents) for the current observation
         ``image_latent`` (B, 1, C, H, W), a clean latent in the model's dtype and device."""
-        if self.text is None:
-            raise RuntimeError("WAMPolicy.act: call reset(text) first (once per episode / instruction)")
         c = self.config
-        _check_tensor("image_latent", image_latent,
-                      (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
-        check_robot_id(c, robot_id, self.batch, self.device)
-        rows = 2 if self.guided else 1
-        image = image_latent.repeat(rows, 1, 1, 1, 1)
-        robot = None if robot_id is None else robot_id.repeat(rows)
+        rows, image, robot = self.observation_rows(image_latent, robot_id)
         if self.cache is not None:
             self.cache.add_frame(image)
 
@@ -135,7 +128,23 @@ class WAMPolicy:
 
         chunk = run_sampler(forward, c, self.batch, self.device, self.dtype, sampler=self.sampler, steps=self.steps,
                             cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule, generator=self.generator)
+        self.end_step(image_latent)
+        return chunk
+
+    # The two halves of act() around the sampling loop, shared with the CUDA-graph runner (wam_fast.graphs).
+    def observation_rows(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]):
+        """Check one observation; return (rows, image, robot) repeated for the guidance rows."""
+        if self.text is None:
+            raise RuntimeError("WAMPolicy.act: call reset(text) first (once per episode / instruction)")
+        c = self.config
+        _check_tensor("image_latent", image_latent,
+                      (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
+        check_robot_id(c, robot_id, self.batch, self.device)
+        rows = 2 if self.guided else 1
+        return rows, image_latent.repeat(rows, 1, 1, 1, 1), None if robot_id is None else robot_id.repeat(rows)
+
+    def end_step(self, image_latent: torch.Tensor) -> None:
+        """After a chunk: the observation becomes history (uncached path), the control step advances."""
         if self.history:
             self.frames.append(image_latent)
         self.step += 1
-        return chunk
