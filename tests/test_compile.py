@@ -309,6 +309,9 @@ def test_policy_fp8_chunks_close_to_eager():
     assert "FP8Linear" in policy.report().applied_to("model.blocks.0.attn.qkv")[0]
 
 
+EAGER_POLICY_SKIPS = {"cached steps: torch.compile"}  # backend="eager" compiles nothing
+
+
 def test_policy_cache_lever():
     model = temporal()
     policy = wam_fast.compile(wam_fast.WAMPolicy(model, steps=2, sampler="ddim", cfg_scale=1.0),
@@ -319,6 +322,12 @@ def test_policy_cache_lever():
     assert policy.cache is not None and "turned on" in policy.report().applied_to("cache")[0]
     full = wam_fast.compile(wam_fast.WAMPolicy(wam(), steps=2, sampler="ddim", cfg_scale=1.0, cache=False), EAGER)
     assert full.cache is None and "needs a model with mask='temporal'" in full.report().skipped_at("cache")[0]
+    # inductor compiles model.forward; the report must not claim it for the cached steps (no call: no compile)
+    inductor = wam_fast.compile(wam_fast.WAMPolicy(temporal(), steps=2, sampler="ddim", cfg_scale=1.0),
+                                CompileConfig(backend="inductor"))
+    assert "does not reach the cached denoising steps" in \
+        inductor.report().skipped_at("cached steps: torch.compile")[0]
+    assert not EAGER_POLICY_SKIPS.intersection(w for w, _ in policy.report().skipped)
     started = wam_fast.WAMPolicy(temporal(), steps=2, sampler="ddim", cfg_scale=1.0)
     started.reset(episode(started.model)[0])
     with pytest.raises(ValueError, match=r"compile the WAMPolicy before reset\(text\)"):

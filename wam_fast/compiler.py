@@ -976,6 +976,11 @@ def _compile_policy(policy, config: CompileConfig, filter_fn, report: CompileRep
     else:
         report.skip("cache", "cache=False")
 
+    if policy.cache is not None and config.backend != "eager":
+        # be exact about reach: the cached passes call the blocks directly, not model.forward
+        report.skip("cached steps: torch.compile", "the KV cache runs the blocks outside model.forward, so "
+                    "torch.compile of forward does not reach the cached denoising steps (they run eagerly; on "
+                    "CUDA the loop graph holds them)")
     if device.type != "cuda":
         report.skip("cuda_graphs", f"no CUDA device (the policy runs on {device}): the sampling loop runs eagerly")
     elif config.cuda_graphs is False:
