@@ -101,34 +101,27 @@ def parse_steps(text: str) -> Tuple[int, ...]:
     return steps
 
 
-def _positive(text: str) -> int:
+def _parsed(text: str, cast, ok, expected: str):
+    """An argparse type: ``cast(text)`` that passes ``ok``, else an error naming ``expected``."""
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _parsed(text, int, lambda v: v >= 1, "a positive int")
 
 
 def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return value
+    return _parsed(text, int, lambda v: v >= 0, "an int >= 0")
 
 
 def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+    return _parsed(text, float, math.isfinite, "a finite number")
 
 
 def build_parser() -> argparse.ArgumentParser:

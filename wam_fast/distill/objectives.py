@@ -303,12 +303,18 @@ def make_student(teacher, method: str, steps: Sequence[int] = (1, 2, 4), mask: O
 class _Distillation:
     """What shortcut and consistency distillation share: the teacher, guidance, noise draws."""
 
+    method = ""  # the student config's ``distillation`` the subclass trains
+
     def __init__(self, teacher, config: WAMConfig, cfg_scale: Optional[float], video_weight: float,
                  action_weight: float):
         tc = getattr(teacher, "config", None)
         if not isinstance(tc, WAMConfig) or not isinstance(config, WAMConfig):
             raise TypeError("a distillation objective needs a WAMTransformer teacher and the student's WAMConfig")
         check_teacher_student(tc, config)
+        if config.distillation != self.method:
+            raise ValueError(f"{type(self).__name__} needs a {self.method} student config (distillation="
+                             f"'{self.method}'), got distillation={config.distillation!r}: make it with "
+                             f"make_student(teacher, '{self.method}')")
         _check_weights(video_weight, action_weight)
         self.teacher, self.teacher_config, self.config = teacher, tc, config
         self.schedule = schedule_for(config)
@@ -368,12 +374,11 @@ class ShortcutObjective(_Distillation):
     (``make_student(teacher, "shortcut", ...)``); every ``period``-th row is a coarse
     (self-consistency) row, the others fine (teacher velocity) rows."""
 
+    method = "shortcut"
+
     def __init__(self, teacher, config: WAMConfig, cfg_scale: Optional[float] = None, period: int = 4,
                  video_weight: float = 1.0, action_weight: float = 1.0):
         super().__init__(teacher, config, cfg_scale, video_weight, action_weight)
-        if config.distillation != "shortcut":
-            raise ValueError(f"ShortcutObjective needs a shortcut student config (distillation='shortcut'), "
-                             f"got distillation={config.distillation!r}: make it with make_student(teacher, 'shortcut')")
         if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 2:
             raise ValueError(f"period must be an int >= 2 (one coarse row in `period`), got {period!r}")
         self.period = int(period)
@@ -453,12 +458,11 @@ class ConsistencyObjective(_Distillation):
     grid of the teacher's DDIM (Euler) solver: the student's clean prediction at x_t matches the
     EMA student's at the point one guided teacher step further (toward clean data)."""
 
+    method = "consistency"
+
     def __init__(self, teacher, config: WAMConfig, cfg_scale: Optional[float] = None, solver_steps: int = 50,
                  video_weight: float = 1.0, action_weight: float = 1.0):
         super().__init__(teacher, config, cfg_scale, video_weight, action_weight)
-        if config.distillation != "consistency":
-            raise ValueError(f"ConsistencyObjective needs a consistency student config (distillation='consistency'), "
-                             f"got distillation={config.distillation!r}: make it with make_student(teacher, 'consistency')")
         if isinstance(solver_steps, bool) or not isinstance(solver_steps, numbers.Integral) or \
                 not 1 <= solver_steps <= config.num_train_timesteps:
             raise ValueError(f"solver_steps must be an int in [1, {config.num_train_timesteps}], got {solver_steps!r}")
