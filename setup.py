@@ -94,10 +94,11 @@ if __name__ == "__main__":
             "tqdm",  # the distillation trainer's progress bar
         ],
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "matplotlib"],  # diffusers: the CogVideoX equivalence test
+            # diffusers: the CogVideoX equivalence test; metaworld: the smoke run of python -m wam_fast.eval
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "matplotlib", "metaworld", "packaging"],
             "diffusers": ["diffusers"],
             "bench": ["matplotlib"],  # the PNG chart of python -m wam_fast.bench
-            "sim": ["metaworld", "packaging"],
+            "sim": ["metaworld", "packaging", "matplotlib"],  # python -m wam_fast.eval (Meta-World)
             "flash": ["flash-attn"],
             "xformers": ["xformers"],
             "tensorrt": ["torch-tensorrt"],

@@ -1,0 +1,297 @@
+"""Meta-World fidelity harness (wam_fast.eval): rendering, demonstrations, closed-loop episodes, results.
+
+The full experiment (python -m wam_fast.eval) takes about an hour of CPU; here it runs in its smoke
+version (2 episodes, a few training steps), which exercises every stage and the result files.
+"""
+import importlib.util
+import json
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from wam_fast.eval import fidelity
+from wam_fast.eval import metaworld as mw
+
+needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
+                                     reason='Meta-World is not installed: pip install "wam_fast[sim]"')
+
+
+@pytest.fixture(autouse=True)
+def _quiet_experts():
+    with warnings.catch_warnings():  # the scripted experts warn about their own gains
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+# ---- pure parts (no simulator) -------------------------------------------------------------------
+def test_missing_metaworld_names_the_install_line(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(mw.importlib.util, "find_spec", lambda name: None if name == "metaworld" else real(name))
+    with pytest.raises(ImportError, match=r'metaworld.*pip install "wam_fast\[sim\]"'):
+        mw.MetaWorldEnv("push-v3")
+    assert fidelity.main(["--task", "push-v3", "--smoke"]) == 2
+
+
+@pytest.mark.parametrize("wins, trials, expected", [
+    (0, 50, (0.0, 0.0713)), (50, 50, (0.9287, 1.0)), (25, 50, (0.3664, 0.6336)), (45, 50, (0.7864, 0.9565)),
+    (1, 2, (0.0945, 0.9055))])
+def test_wilson_interval_known_values(wins, trials, expected):
+    lo, hi = fidelity.wilson_interval(wins, trials)
+    assert (lo, hi) == pytest.approx(expected, abs=1e-4)
+    assert lo <= wins / trials <= hi
+
+
+def test_wilson_interval_rejects_bad_counts():
+    for wins, trials in ((3, 2), (-1, 5), (0, 0)):
+        with pytest.raises(ValueError, match="successes <= trials"):
+            fidelity.wilson_interval(wins, trials)
+
+
+def test_instruction_embedding_is_fixed_per_task():
+    a = mw.instruction_embedding("push-v3", 4, 32)
+    assert a.shape == (4, 32) and torch.equal(a, mw.instruction_embedding("push-v3", 4, 32))
+    assert not torch.allclose(a, mw.instruction_embedding("drawer-open-v3", 4, 32))
+
+
+def test_pixel_latent_round_trip_and_range():
+    image = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    latent = mw.image_to_latent(image)
+    assert latent.shape == (2, 3, 64, 64) and latent.min() >= -1 and latent.max() <= 1
+    assert np.array_equal(mw.latent_to_image(latent), image)
+    assert np.array_equal(mw.latent_to_image(latent.half()), image)  # the dataset stores float16
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        mw.image_to_latent(image.astype(np.float32))
+
+
+def test_episode_samples_align_images_futures_and_chunks():
+    steps, chunk = 11, 4
+    images = np.zeros((steps + 1, 64, 64, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(steps + 1)  # frame index written into a pixel
+    actions = np.arange(steps * 4, dtype=np.float32).reshape(steps, 4) / 100
+    rows = mw.episode_samples(mw.Episode(images, actions, success_step=steps - chunk), chunk)
+    assert rows["actions"].shape == (steps - chunk + 1, chunk, 4)
+    for t in range(steps - chunk + 1):
+        assert mw.latent_to_image(rows["image"][t, 0])[0, 0, 0] == t
+        assert mw.latent_to_image(rows["future"][t, 0])[0, 0, 0] == t + chunk
+        assert torch.equal(rows["actions"][t], torch.from_numpy(actions[t:t + chunk]))
+
+
+def _results(teacher: float, **students: float) -> dict:
+    models = [{"name": "teacher", "steps": 10, "success": teacher, "ci95": [0, 1], "episodes": 50, "latency_ms": 9.0}]
+    for name, success in students.items():
+        models.append({"name": name.replace("_", "-"), "steps": int(name.split("_")[1][0]), "success": success,
+                       "ci95": [0, 1], "episodes": 50, "latency_ms": 1.0})
+    return {"task": "push-v3", "episodes": 50, "models": models, "environment": {}}
+
+
+def test_targets_compare_each_student_with_the_teacher():
+    out = fidelity.targets(_results(0.8, shortcut_1step=0.74, shortcut_2step=0.74, consistency_4step=0.8))
+    assert out["teacher_learned"] is True
+    assert out["shortcut-1step"] == {"kept_of_teacher": pytest.approx(0.925), "target": 0.9, "met": True}
+    assert out["shortcut-2step"]["met"] is False  # 92.5% < 95%
+    assert out["consistency-4step"]["met"] is True
+    assert fidelity.targets(_results(0.5))["teacher_learned"] is False
+
+
+def test_markdown_table_lists_every_row_against_the_teacher():
+    table = fidelity.markdown_table(_results(0.8, shortcut_1step=0.6)).splitlines()
+    assert len(table) == 4 and table[0].startswith("| push-v3 |")
+    assert "| shortcut-1step | 1 | 60% " in table[3] and "| 75% |" in table[3]
+
+
+def test_task_settings_apply_to_the_full_run_only():
+    assert fidelity.Settings.for_task("push-v3").patch_size == 8  # the puck needs finer patches
+    assert fidelity.Settings.for_task("drawer-open-v3") == fidelity.Settings(task="drawer-open-v3")
+    assert fidelity.Settings.smoke("push-v3").episodes == 2
+
+
+def test_chart_is_a_png(tmp_path):
+    path = fidelity.plot(_results(0.8, shortcut_1step=0.7), tmp_path / "chart.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- with the simulator --------------------------------------------------------------------------
+@needs_metaworld
+def test_images_are_upright_64x64():
+    env = mw.MetaWorldEnv("push-v3", "heldout")
+    try:
+        image = env.reset(0)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        # Upright, the top-left corner is the black background above the table (skybox off); MuJoCo's
+        # raw corner-camera image has the table there, and a flip of one axis only has the arm there.
+        corner = lambda im: im[:12, :20].astype(float)  # noqa: E731
+        assert corner(image).max() == 0
+        for wrong in (image[::-1, ::-1], image[::-1], image[:, ::-1]):
+            assert corner(wrong).std() > 10
+        layout3 = env.reset(3)
+        assert not np.array_equal(layout3, image)  # held-out layouts differ (object and goal positions)
+    finally:
+        env.close()
+
+
+@needs_metaworld
+def test_any_mt1_task_and_clear_errors():
+    env = mw.MetaWorldEnv("reach-v3", "train")
+    try:
+        assert env.num_layouts == 50 and env.reset(49).shape == (64, 64, 3)
+        with pytest.raises(ValueError, match=r"layout must be in \[0, 50\)"):
+            env.reset(50)
+    finally:
+        env.close()
+    assert type(mw.expert_policy("drawer-open-v3")).__name__ == "SawyerDrawerOpenV3Policy"
+    with pytest.raises(ValueError, match="unknown Meta-World task 'push-v9'.*push-v3"):
+        mw.check_task("push-v9")
+    with pytest.raises(ValueError, match="split must be one of"):
+        mw.MetaWorldEnv("push-v3", "test")
+
+
+@needs_metaworld
+def test_train_and_heldout_layouts_differ():
+    train, heldout = mw.MetaWorldEnv("push-v3", "train"), mw.MetaWorldEnv("push-v3", "heldout")
+    try:
+        assert not np.array_equal(train.reset(0), heldout.reset(0))
+    finally:
+        train.close()
+        heldout.close()
+
+
+class ExpertChunks:
+    """A policy that answers each chunk with the scripted expert's action for every env (repeated)."""
+
+    def __init__(self, envs, task, zero=False):
+        self.envs, self.expert, self.zero = envs, mw.expert_policy(task), zero
+
+    def reset(self, text):
+        assert text.shape[0] == len(self.envs)
+
+    def act(self, latents):
+        assert latents.shape == (len(self.envs), 1, 3, 64, 64)
+        actions = np.stack([np.zeros(4, np.float32) if self.zero else env.expert_action(self.expert)
+                            for env in self.envs])
+        return SimpleNamespace(actions=torch.from_numpy(actions)[:, None].repeat(1, 8, 1))
+
+
+@needs_metaworld
+def test_closed_loop_episodes_detect_success():
+    envs = [mw.MetaWorldEnv("push-v3", "heldout") for _ in range(2)]
+    text = mw.instruction_embedding("push-v3", 4, 32)
+    try:
+        expert = fidelity.run_episodes(ExpertChunks(envs, "push-v3"), "push-v3", 2, horizon=150, execute=1,
+                                       text=text, envs=envs)
+        assert expert.success == [True, True] and all(20 < s < 150 for s in expert.success_step)
+        idle = fidelity.run_episodes(ExpertChunks(envs, "push-v3", zero=True), "push-v3", 2, horizon=30,
+                                     execute=4, text=text, envs=envs)
+        assert idle.success == [False, False] and idle.chunks == 30 // 4 + 1  # replans every 4 steps
+    finally:
+        for env in envs:
+            env.close()
+
+
+@needs_metaworld
+def test_demos_dataset_holds_the_expert_episode(tmp_path):
+    from wam_fast.distill.data import LatentDataset
+
+    meta = mw.collect_demos("push-v3", tmp_path / "demos", chunk=4, text_len=4, text_dim=32, noise_levels=(0.0,),
+                            layouts=1, progress=lambda line: None)
+    data = LatentDataset(tmp_path / "demos")
+    steps = meta["metaworld"]["mean_success_step"]
+    assert len(data) == steps + 1  # the episode runs one chunk past success; one sample per full chunk
+    rows = data.get(torch.arange(len(data)))
+    assert rows["image"].shape == (len(data), 1, 3, 64, 64) and rows["future"].shape == rows["image"].shape
+    assert torch.equal(rows["text"][0], mw.instruction_embedding("push-v3", 4, 32))
+    env = mw.MetaWorldEnv("push-v3", "train")
+    try:
+        first = env.reset(0)
+    finally:
+        env.close()
+    assert np.array_equal(mw.latent_to_image(rows["image"][0, 0]), first)
+    assert torch.equal(rows["future"][0], rows["image"][4])  # the frame after the chunk
+    assert torch.equal(rows["actions"][1, :3], rows["actions"][0, 1:])  # chunks overlap along the episode
+    assert rows["actions"].abs().max() <= 1
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    if importlib.util.find_spec("metaworld") is None:
+        pytest.skip('Meta-World is not installed: pip install "wam_fast[sim]"')
+    root = tmp_path_factory.mktemp("metaworld")
+    argv = ["--task", "push-v3", "--smoke", "--out", str(root / "work"), "--results", str(root / "results"),
+            "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert fidelity.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(root=root, argv=argv, json=root / "results" / "metaworld-push-v3.json")
+
+
+@needs_metaworld
+def test_smoke_run_writes_the_results_schema(smoke_run):
+    results = json.loads(smoke_run.json.read_text())
+    assert results["task"] == "push-v3" and results["episodes"] == 2
+    names = [m["name"] for m in results["models"]]
+    assert names == [row.name for row in fidelity.MODELS] and names[0] == "teacher"
+    for m in results["models"]:
+        assert {"name", "steps", "success", "ci95", "episodes", "latency_ms"} <= set(m)
+        assert m["episodes"] == 2 and m["success"] in (0.0, 0.5, 1.0)
+        assert m["ci95"][0] <= m["success"] <= m["ci95"][1] and m["latency_ms"] > 0
+    rows = {m["name"]: m for m in results["models"]}
+    assert rows["teacher"]["steps"] == 10 and rows["teacher"]["mask"] == "full" and not rows["teacher"]["cache"]
+    assert rows["shortcut-1step"]["mask"] == "temporal" and rows["shortcut-1step"]["cache"]
+    assert rows["consistency-2step"]["sampler"] == "consistency"
+    assert rows["shortcut-4step-fp8"]["precision"] == "fp8"
+    assert results["environment"]["metaworld"] and "targets" in results
+    assert results["demos"]["episodes"] == 2 and results["demos"]["samples"] > 0
+    for method in ("shortcut", "consistency"):
+        assert results["training"][method]["command"].startswith("python -m wam_fast.distill --teacher")
+    assert smoke_run.json.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_metaworld
+def test_smoke_students_come_from_the_distill_cli(smoke_run):
+    for method in ("shortcut", "consistency"):
+        run = json.loads((smoke_run.root / "work" / "push-v3" / f"student-{method}" / "run.json").read_text())
+        assert run["method"] == method and run["mask"] == "temporal" and list(run["steps"]) == [1, 2, 4]
+        assert (smoke_run.root / "work" / "push-v3" / f"student-{method}" / "eval.json").is_file()
+
+
+@needs_metaworld
+def test_rows_build_the_policies_they_name(smoke_run):
+    from wam_fast.quant import fp8_layers
+
+    work = smoke_run.root / "work" / "push-v3"
+    checkpoints = {"teacher": work / "teacher" / "final", "shortcut": work / "student-shortcut" / "final",
+                   "consistency": work / "student-consistency" / "final"}
+    rows = {row.name: row for row in fidelity.MODELS}
+    teacher = fidelity.make_policy(rows["teacher"], checkpoints, 0)
+    assert teacher.cache is None and teacher.steps == 10 and teacher.cfg_scale == 1.0
+    fp32 = fidelity.make_policy(rows["shortcut-2step"], checkpoints, 0)
+    fp8 = fidelity.make_policy(rows["shortcut-2step-fp8"], checkpoints, 0)
+    assert fp32.cache is not None and fp32.steps == 2 and not fp8_layers(fp32.model)
+    assert fp8.cache is not None and len(fp8_layers(fp8.model)) > 0
+    assert fp8.model is not fp32.model  # FP8 quantizes a model of its own
+
+
+@needs_metaworld
+def test_smoke_rerun_resumes_without_recomputing(smoke_run, monkeypatch):
+    before = json.loads(smoke_run.json.read_text())
+    calls = []
+    monkeypatch.setattr(fidelity, "evaluate_row", lambda *a, **k: calls.append(a) or pytest.fail("re-evaluated"))
+    monkeypatch.setattr(fidelity.subprocess, "run", lambda *a, **k: pytest.fail("re-distilled"))
+    threads = torch.get_num_threads()
+    try:
+        assert fidelity.main(smoke_run.argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(smoke_run.json.read_text())["models"] == before["models"] and not calls
+
+
+@needs_metaworld
+def test_unknown_model_row_is_refused(tmp_path, capsys):
+    assert fidelity.main(["--task", "push-v3", "--smoke", "--models", "teacher,student-9step",
+                          "--out", str(tmp_path), "--results", str(tmp_path)]) == 2
+    assert "unknown model rows ['student-9step']" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
