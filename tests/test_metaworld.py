@@ -238,6 +238,7 @@ def test_smoke_run_writes_the_results_schema(smoke_run):
         assert {"name", "steps", "success", "ci95", "episodes", "latency_ms"} <= set(m)
         assert m["episodes"] == 2 and m["success"] in (0.0, 0.5, 1.0)
         assert m["ci95"][0] <= m["success"] <= m["ci95"][1] and m["latency_ms"] > 0
+        assert len(m["latency_ms_raw"]) == 5 and m["latency_ms"] == pytest.approx(np.median(m["latency_ms_raw"]))
     rows = {m["name"]: m for m in results["models"]}
     assert rows["teacher"]["steps"] == 10 and rows["teacher"]["mask"] == "full" and not rows["teacher"]["cache"]
     assert rows["shortcut-1step"]["mask"] == "temporal" and rows["shortcut-1step"]["cache"]
@@ -280,13 +281,36 @@ def test_smoke_rerun_resumes_without_recomputing(smoke_run, monkeypatch):
     before = json.loads(smoke_run.json.read_text())
     calls = []
     monkeypatch.setattr(fidelity, "evaluate_row", lambda *a, **k: calls.append(a) or pytest.fail("re-evaluated"))
-    monkeypatch.setattr(fidelity.subprocess, "run", lambda *a, **k: pytest.fail("re-distilled"))
+    real_run = fidelity.subprocess.run
+
+    def run(command, *args, **kwargs):
+        if "wam_fast.distill" in command:
+            pytest.fail("re-distilled")
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(fidelity.subprocess, "run", run)
     threads = torch.get_num_threads()
     try:
         assert fidelity.main(smoke_run.argv) == 0
     finally:
         torch.set_num_threads(threads)
     assert json.loads(smoke_run.json.read_text())["models"] == before["models"] and not calls
+
+
+@needs_metaworld
+def test_retime_replaces_only_the_timings(smoke_run):
+    before = json.loads(smoke_run.json.read_text())
+    threads = torch.get_num_threads()
+    try:
+        assert fidelity.main(smoke_run.argv + ["--retime"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    after = json.loads(smoke_run.json.read_text())
+    assert after["retimed"] and after["environment"]["commit"]
+    for old, new in zip(before["models"], after["models"]):
+        assert {k: v for k, v in old.items() if not k.startswith("latency")} == \
+            {k: v for k, v in new.items() if not k.startswith("latency")}
+        assert len(new["latency_ms_raw"]) == 5 and new["latency_ms"] == pytest.approx(np.median(new["latency_ms_raw"]))
 
 
 @needs_metaworld

@@ -281,8 +281,9 @@ def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int
     return EpisodeResults([s is not None for s in success_step], success_step, chunks, time.perf_counter() - start)
 
 
-def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time (ms) of one ``policy.act`` at batch 1 on a real observation (CPU timer)."""
+def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int = 20,
+                     warmup: int = 3) -> Tuple[float, List[float]]:
+    """(median, every timing) in ms of one ``policy.act`` at batch 1 on a real observation (CPU timer)."""
     policy.reset(text[None])
     latent = mw.image_to_latent(image[None])[:, None]
     times = []
@@ -291,7 +292,7 @@ def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int
         policy.act(latent)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    return float(np.median(times)), times
 
 
 def environment() -> dict:
@@ -300,7 +301,49 @@ def environment() -> dict:
     return {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "wam_fast": wam_fast.__version__,
-            "metaworld": _version("metaworld"), "mujoco": _version("mujoco"), "device": "cpu"}
+            "metaworld": _version("metaworld"), "mujoco": _version("mujoco"), "device": "cpu", "commit": _commit()}
+
+
+def _commit() -> Optional[str]:
+    """The git commit of this checkout ("+dirty" with uncommitted changes), None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def retime(settings: Settings, results_dir: Path = RESULTS_DIR) -> dict:
+    """Time every recorded row of ``results_dir/metaworld-<task>.json`` again (e.g. on an idle machine):
+    latency_ms, latency_ms_raw and the environment are replaced, success rates are kept."""
+    path = results_dir / f"metaworld-{settings.task}.json"
+    if not path.is_file():
+        raise ValueError(f"--retime: no recorded results at {path}; run python -m wam_fast.eval --task "
+                         f"{settings.task} first")
+    results = json.loads(path.read_text())
+    rows = {row.name: row for row in MODELS}
+    config = model_config(settings)
+    text = mw.instruction_embedding(settings.task, config.text_len, config.text_dim)
+    env = mw.MetaWorldEnv(settings.task, "heldout", camera=results["settings"]["camera"])
+    try:
+        image = env.reset(0)
+    finally:
+        env.close()
+    for measured in results["models"]:
+        row = rows[measured["name"]]
+        policy = make_policy(row, {row.source: Path(measured["checkpoint"])}, settings.seed)
+        measured["latency_ms"], measured["latency_ms_raw"] = chunk_latency_ms(
+            policy, text, image, repeats=5 if results["episodes"] <= 2 else 20)
+    results["environment"] = environment()
+    results["retimed"] = True
+    write_results(path, results)
+    plot(results, path.with_suffix(".png"))
+    return results
 
 
 def _cpu_name() -> Optional[str]:
@@ -328,11 +371,11 @@ def evaluate_row(row: ModelRow, checkpoints: Dict[str, Path], settings: Settings
     wins = sum(result.success)
     latency_policy = make_policy(row, checkpoints, settings.seed)
     image = envs[0].reset(0)
-    latency = chunk_latency_ms(latency_policy, text, image, repeats=5 if settings.episodes <= 2 else 20)
+    latency, timings = chunk_latency_ms(latency_policy, text, image, repeats=5 if settings.episodes <= 2 else 20)
     lo, hi = wilson_interval(wins, settings.episodes)
     steps_to_success = [s for s in result.success_step if s is not None]
     return {"name": row.name, "steps": row.steps, "success": wins / settings.episodes, "ci95": [lo, hi],
-            "episodes": settings.episodes, "latency_ms": latency, "successes": wins,
+            "episodes": settings.episodes, "latency_ms": latency, "latency_ms_raw": timings, "successes": wins,
             "sampler": policy.sampler, "cache": row.cache, "precision": row.precision,
             "mask": policy.config.mask, "checkpoint": str(checkpoints[row.source]),
             "mean_steps_to_success": float(np.mean(steps_to_success)) if steps_to_success else None,
@@ -499,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="the CI version: 2 episodes, a few training steps")
     parser.add_argument("--episodes", type=int, help="held-out episodes per model (default 50)")
     parser.add_argument("--models", help=f"comma-separated rows (default all: {','.join(r.name for r in MODELS)})")
+    parser.add_argument("--retime", action="store_true", help="only time the recorded rows again (latency at "
+                        "batch 1, e.g. on an idle machine); success rates are kept")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the fastest per core "
                         "for this small model; run tasks in parallel processes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -524,7 +569,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overrides["models"] = tuple(args.models.split(","))
         settings = dataclasses.replace(settings, **overrides)
         try:
-            results = run_task(settings, Path(args.out), Path(args.results), progress=not args.no_progress)
+            if args.retime:
+                results = retime(settings, Path(args.results))
+            else:
+                results = run_task(settings, Path(args.out), Path(args.results), progress=not args.no_progress)
         except ValueError as error:
             print(f"python -m wam_fast.eval: error: {error}", file=sys.stderr)
             return 2
