@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from wam_fast.distill.cli import _jsonable
 from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import metaworld as mw
 
@@ -139,10 +140,6 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -
 
 
 # ---- stages ----------------------------------------------------------------------------------------
-def _jsonable(value):
-    return json.loads(json.dumps(value))
-
-
 def _stage_file(directory: Path) -> Path:
     return directory / "wam_fast_eval_stage.json"
 
@@ -484,10 +481,11 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
     checkpoints = {"teacher": train_teacher(settings, demos, task_dir / "teacher", progress=progress)}
     path = results_dir / f"metaworld-{settings.task}.json"
     settings_dict = _jsonable(dataclasses.asdict(settings))
+    demo_data = LatentDataset(demos)
     results = {"task": settings.task, "episodes": settings.episodes, "models": [], "settings": settings_dict,
                "environment": environment(),
                "command": f"python -m wam_fast.eval --task {settings.task} --out {out}",
-               "demos": LatentDataset(demos).metadata.get("metaworld", {}) | {"samples": len(LatentDataset(demos))},
+               "demos": demo_data.metadata.get("metaworld", {}) | {"samples": len(demo_data)},
                "training": {"teacher": _last_metrics(task_dir / "teacher" / "metrics.jsonl")}}
     if path.is_file():  # resume: keep rows measured with the same settings
         old = json.loads(path.read_text())
