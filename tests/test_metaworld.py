@@ -6,6 +6,7 @@ version (2 episodes, a few training steps), which exercises every stage and the 
 import importlib.util
 import json
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -102,10 +103,26 @@ def test_markdown_table_lists_every_row_against_the_teacher():
     assert "| shortcut-1step | 1 | 60% " in table[3] and "| 75% |" in table[3]
 
 
-def test_task_settings_apply_to_the_full_run_only():
-    assert fidelity.Settings.for_task("push-v3").noise_levels == (0.0, 0.03, 0.06, 0.1)  # see TASK_SETTINGS
+def test_task_settings_apply_to_the_full_and_the_smoke_run(monkeypatch):
+    push = fidelity.Settings.for_task("push-v3")  # see TASK_SETTINGS
+    assert push.noise_levels == (0.0, 0.03, 0.06, 0.1) and push.distill_steps == 300
     assert fidelity.Settings.for_task("drawer-open-v3") == fidelity.Settings(task="drawer-open-v3")
-    assert fidelity.Settings.smoke("push-v3").episodes == 2
+    monkeypatch.setitem(fidelity.TASK_SETTINGS, "reach-v3", {"camera": "corner4", "patch_size": 8, "teacher_steps": 9})
+    smoke = fidelity.Settings.smoke("reach-v3")  # the task's camera and model, at the CI's sizes
+    assert (smoke.camera, smoke.patch_size) == ("corner4", 8)
+    assert (smoke.episodes, smoke.teacher_steps, smoke.noise_levels, smoke.distill_steps) == (2, 3, (0.0,), 2)
+
+
+@pytest.mark.parametrize("task", ["push-v3", "drawer-open-v3"])
+def test_recorded_results_match_what_the_command_runs(task):
+    # `python -m wam_fast.eval --task T` reproduces (and resumes) benchmarks/results/metaworld-T.json only
+    # while its settings are the recorded ones.
+    import dataclasses
+
+    results_dir = Path(__file__).resolve().parents[1] / fidelity.RESULTS_DIR
+    recorded = json.loads((results_dir / f"metaworld-{task}.json").read_text())
+    assert recorded["settings"] == fidelity._jsonable(dataclasses.asdict(fidelity.Settings.for_task(task)))
+    assert [m["name"] for m in recorded["models"]] == [row.name for row in fidelity.MODELS]
 
 
 def test_chart_is_a_png(tmp_path):
@@ -115,14 +132,18 @@ def test_chart_is_a_png(tmp_path):
 
 # ---- with the simulator --------------------------------------------------------------------------
 @needs_metaworld
-def test_images_are_upright_64x64():
-    env = mw.MetaWorldEnv("push-v3", "heldout")
+@pytest.mark.parametrize("camera, background", [
+    # Upright, these corners are the black background above the table (skybox off); MuJoCo's raw
+    # corner-camera image has the table or the arm there, and so has a flip of one axis only.
+    ("corner", (slice(0, 12), slice(0, 20))),  # drawer-open-v3: the arm is on the right
+    ("corner4", (slice(0, 8), slice(-20, None))),  # push-v3 (closer): the arm is on the left
+])
+def test_images_are_upright_64x64(camera, background):
+    env = mw.MetaWorldEnv("push-v3", "heldout", camera=camera)
     try:
         image = env.reset(0)
         assert image.shape == (64, 64, 3) and image.dtype == np.uint8
-        # Upright, the top-left corner is the black background above the table (skybox off); MuJoCo's
-        # raw corner-camera image has the table there, and a flip of one axis only has the arm there.
-        corner = lambda im: im[:12, :20].astype(float)  # noqa: E731
+        corner = lambda im: im[background].astype(float)  # noqa: E731
         assert corner(image).max() == 0
         for wrong in (image[::-1, ::-1], image[::-1], image[:, ::-1]):
             assert corner(wrong).std() > 10
