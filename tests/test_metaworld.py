@@ -3,6 +3,7 @@
 The full experiment (python -m wam_fast.eval) takes about an hour of CPU; here it runs in its smoke
 version (2 episodes, a few training steps), which exercises every stage and the result files.
 """
+import dataclasses
 import importlib.util
 import json
 import warnings
@@ -117,8 +118,6 @@ def test_task_settings_apply_to_the_full_and_the_smoke_run(monkeypatch):
 def test_recorded_results_match_what_the_command_runs(task):
     # `python -m wam_fast.eval --task T` reproduces (and resumes) benchmarks/results/metaworld-T.json only
     # while its settings are the recorded ones.
-    import dataclasses
-
     results_dir = Path(__file__).resolve().parents[1] / fidelity.RESULTS_DIR
     recorded = json.loads((results_dir / f"metaworld-{task}.json").read_text())
     assert recorded["settings"] == fidelity._jsonable(dataclasses.asdict(fidelity.Settings.for_task(task)))
@@ -135,8 +134,8 @@ def test_chart_is_a_png(tmp_path):
 @pytest.mark.parametrize("camera, background", [
     # Upright, these corners are the black background above the table (skybox off); MuJoCo's raw
     # corner-camera image has the table or the arm there, and so has a flip of one axis only.
-    ("corner", (slice(0, 12), slice(0, 20))),  # drawer-open-v3: the arm is on the right
-    ("corner4", (slice(0, 8), slice(-20, None))),  # push-v3 (closer): the arm is on the left
+    ("corner", (slice(0, 12), slice(0, 20))),  # the default: the arm is on the right
+    ("corner4", (slice(0, 8), slice(-20, None))),  # the closer view: the arm is on the left
 ])
 def test_images_are_upright_64x64(camera, background):
     env = mw.MetaWorldEnv("push-v3", "heldout", camera=camera)
