@@ -339,3 +339,74 @@ def test_unknown_model_row_is_refused(tmp_path, capsys):
                           "--out", str(tmp_path), "--results", str(tmp_path)]) == 2
     assert "unknown model rows ['student-9step']" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+# ---- diagnosis (python -m wam_fast.eval.diagnose) ------------------------------------------------
+def test_conv_baseline_learns_where_a_small_object_is(tmp_path):
+    """The property the baseline diagnoses: a 3x3-pixel object's position read from a 64x64 frame."""
+    from wam_fast.distill.data import write_dataset
+    from wam_fast.eval import diagnose
+
+    generator = torch.Generator().manual_seed(0)
+    n, chunk = 256, 2
+    where = torch.randint(4, 60, (n, 2), generator=generator)
+    images = torch.full((n, 1, 3, 64, 64), -0.5)
+    for i, (y, x) in enumerate(where.tolist()):
+        images[i, 0, 0, y - 1:y + 2, x - 1:x + 2] = 1.0  # a red dot, as small as push-v3's puck
+    target = (where.float() - 32) / 28  # actions in [-1, 1]: the dot's position
+    actions = torch.cat([target, -target], 1)[:, None].repeat(1, chunk, 1)
+    write_dataset(tmp_path / "dots", {"text": torch.zeros(n, 1, 4), "image": images, "future": images,
+                                      "actions": actions})
+    net, loss = diagnose.train_conv_bc(tmp_path / "dots", steps=300, batch=32, log=lambda line: None)
+    with torch.no_grad():
+        predicted = net(images[:64, 0])
+    assert predicted.shape == (64, chunk, 4)
+    assert ((predicted - actions[:64]) ** 2).mean() < 0.1 * actions.var()  # far below the mean action's error
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\).*got \(2, 3, 32, 32\)"):
+        net(torch.zeros(2, 3, 32, 32))
+
+
+@needs_metaworld
+def test_first_action_spread_tells_a_reading_policy_from_a_constant_one():
+    from wam_fast.eval import diagnose
+
+    constant = diagnose.first_action_spread(lambda latent: np.zeros(4), "push-v3", layouts=6)
+    assert constant["layouts"] == 6 and constant["spread_xy"] == [0.0, 0.0]
+    assert constant["correlation_xy"] == [None, None] and min(constant["expert_spread_xy"]) > 0.05
+
+    first = []
+
+    def reads_the_image(latent):  # how far this layout's first frame is from the first layout's
+        first.append(latent) if not first else None
+        change = float((latent - first[0]).abs().mean()) * 100
+        return np.array([change, -change, 0.0, 0.0])
+
+    reading = diagnose.first_action_spread(reads_the_image, "push-v3", layouts=6)
+    assert min(reading["spread_xy"]) > 1e-3 and reading["correlation_xy"][0] is not None
+
+
+@needs_metaworld
+def test_diagnose_command_reports_teacher_and_conv_baseline(smoke_run, tmp_path):
+    from wam_fast.eval import diagnose
+
+    work = smoke_run.root / "work" / "push-v3"
+    out = tmp_path / "diagnosis.json"
+    threads = torch.get_num_threads()
+    try:
+        assert diagnose.main(["--task", "push-v3", "--demos", str(work / "demos"), "--checkpoint",
+                              str(work / "teacher" / "final"), "--conv-bc-steps", "2", "--wam-regression-steps", "2", "--episodes", "1",
+                              "--layouts", "3", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    assert report["camera"] == fidelity.Settings.for_task("push-v3").camera and report["environment"]["torch"]
+    teacher = report["teachers"][str(work / "teacher" / "final")]
+    assert set(teacher) == {"1step", "10step"} and teacher["1step"]["layouts"] == 3
+    bc = report["conv_bc"]
+    assert bc["steps"] == 2 and bc["episodes"] == 1 and bc["successes"] in (0, 1)
+    assert bc["ci95"][0] <= bc["success"] <= bc["ci95"][1] and bc["first_action"]["layouts"] == 3
+    regression = report["wam_regression"]
+    assert regression["steps"] == 2 and regression["first_action"]["layouts"] == 3
+    assert regression["mean_action_loss"] > 0 and np.isfinite(regression["final_loss"])
+    with pytest.raises(SystemExit):
+        diagnose.main(["--task", "push-v3"])  # nothing to measure
