@@ -400,6 +400,7 @@ def test_diagnose_command_reports_teacher_and_conv_baseline(smoke_run, tmp_path)
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())
     assert report["camera"] == fidelity.Settings.for_task("push-v3").camera and report["environment"]["torch"]
+    assert report["command"].startswith("python -m wam_fast.eval.diagnose --task push-v3 --demos ")
     teacher = report["teachers"][str(work / "teacher" / "final")]
     assert set(teacher) == {"1step", "10step"} and teacher["1step"]["layouts"] == 3
     bc = report["conv_bc"]

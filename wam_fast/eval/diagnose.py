@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -225,12 +226,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, help="an MT1 task name, e.g. push-v3")
     parser.add_argument("--demos", help="a demos dataset of python -m wam_fast.eval (OUT/<task>/demos): "
-                                        "trains and evaluates the conv baseline")
+                                        "trains and evaluates the two baselines")
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="a teacher checkpoint (OUT/<task>/teacher/final): its first-action spread (repeatable)")
     parser.add_argument("--camera", default=None, help="default: the demos' camera, else the task's in "
                                                        "fidelity.TASK_SETTINGS")
-    parser.add_argument("--conv-bc-steps", type=int, default=3000, help="training steps of the conv baseline")
+    parser.add_argument("--conv-bc-steps", type=int, default=3000, help="training steps of the conv baseline "
+                                                                          "(0: skip it)")
     parser.add_argument("--wam-regression-steps", type=int, default=1500,
                         help="training steps of the WAM regression baseline (0: skip it)")
     parser.add_argument("--episodes", type=int, default=30, help="closed-loop held-out episodes of the conv baseline")
@@ -242,18 +244,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("nothing to measure: give --demos and/or --checkpoint")
     torch.set_num_threads(args.threads)
     camera = args.camera or _demos_camera(args.demos) or fidelity.Settings.for_task(args.task).camera
-    report = {"task": args.task, "camera": camera, "environment": fidelity.environment()}
+    command = " ".join(["python -m wam_fast.eval.diagnose", *(sys.argv[1:] if argv is None else argv)])
+    report = {"task": args.task, "camera": camera, "command": command, "environment": fidelity.environment()}
     for checkpoint in args.checkpoint:
         report.setdefault("teachers", {})[checkpoint] = {
             f"{steps}step": first_action_spread(teacher_first_action(Path(checkpoint), args.task, steps), args.task,
                                                 layouts=args.layouts, camera=camera) for steps in (1, 10)}
-    if args.demos:
+    if args.demos and args.conv_bc_steps > 0:
         report["conv_bc"] = conv_bc_baseline(args.task, Path(args.demos), steps=args.conv_bc_steps,
                                              episodes=args.episodes, layouts=args.layouts, camera=camera)
-        if args.wam_regression_steps > 0:
-            report["wam_regression"] = wam_regression_baseline(args.task, Path(args.demos),
-                                                               steps=args.wam_regression_steps, layouts=args.layouts,
-                                                               camera=camera)
+    if args.demos and args.wam_regression_steps > 0:
+        report["wam_regression"] = wam_regression_baseline(args.task, Path(args.demos),
+                                                           steps=args.wam_regression_steps, layouts=args.layouts,
+                                                           camera=camera)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
