@@ -95,3 +95,16 @@ def test_unknown_config_field_and_meta_model_are_refused(tmp_path):
         model = wam_fast.WAMTransformer(wam_fast.configs.get("tiny"))
     with pytest.raises(ValueError, match="meta device"):
         wam_fast.save_pretrained(model, tmp_path)
+
+
+def test_atomic_write_leaves_the_mode_of_a_plain_write(tmp_path):
+    old = os.umask(0o022)
+    try:
+        checkpoint.atomic_write(tmp_path / "new.json", lambda tmp: open(tmp, "w").write("{}"))
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+        os.chmod(tmp_path / "new.json", 0o640)
+        checkpoint.atomic_write(tmp_path / "new.json", lambda tmp: open(tmp, "w").write("[]"))
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
+        assert (tmp_path / "new.json").read_text() == "[]"
+    finally:
+        os.umask(old)

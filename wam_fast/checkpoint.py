@@ -31,13 +31,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain write would leave: the replaced file's, else 0o666 minus the umask
+    (mkstemp's own 0o600 would hide checkpoints and results from the rest of a team)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: Union[str, Path], write) -> None:
     """Call ``write(tmp_path)`` and then rename tmp_path over ``path`` after an fsync."""
     path = Path(path)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
