@@ -110,6 +110,25 @@ class ConvPolicyRunner:
         return SimpleNamespace(actions=self.net(latents[:, 0]))
 
 
+def _fit(name: str, module: nn.Module, batch_loss: Callable, rows: int, *, steps: int, batch: int, lr: float,
+         weight_decay: float, pct_start: float, seed: int, log: Callable[[str], None]) -> float:
+    """AdamW with a one-cycle lr on ``batch_loss(index, generator)`` of random batches; returns the last loss."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=pct_start)
+    generator = torch.Generator().manual_seed(seed)
+    start, loss = time.perf_counter(), float("nan")
+    for step in range(steps):
+        loss_t = batch_loss(torch.randint(0, rows, (batch,), generator=generator), generator)
+        optimizer.zero_grad()
+        loss_t.backward()
+        optimizer.step()
+        schedule.step()
+        loss = loss_t.item()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"{name} step {step + 1}/{steps}: loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
+    return loss
+
+
 def train_conv_bc(demos: Path, *, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0,
                   log: Callable[[str], None] = print) -> tuple:
     """Regress a ConvPolicy onto the demos' expert chunks (MSE, AdamW, one-cycle lr); returns (net, last loss)."""
@@ -120,20 +139,12 @@ def train_conv_bc(demos: Path, *, steps: int, batch: int = 64, lr: float = 1e-3,
     images, actions = data["image"][:, 0].float(), data["actions"].float()
     torch.manual_seed(seed)
     net = ConvPolicy(chunk=actions.shape[1])
-    optimizer = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    start, loss = time.perf_counter(), float("nan")
-    for step in range(steps):
-        index = torch.randint(0, len(images), (batch,), generator=generator)
-        loss_t = ((net(images[index]) - actions[index]) ** 2).mean()
-        optimizer.zero_grad()
-        loss_t.backward()
-        optimizer.step()
-        schedule.step()
-        loss = loss_t.item()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"conv-bc step {step + 1}/{steps}: loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
+
+    def batch_loss(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return ((net(images[index]) - actions[index]) ** 2).mean()
+
+    loss = _fit("conv-bc", net, batch_loss, len(images), steps=steps, batch=batch, lr=lr, weight_decay=1e-4,
+                pct_start=0.3, seed=seed, log=log)
     return net.eval(), loss
 
 
@@ -170,8 +181,6 @@ def wam_regression_baseline(task: str, demos: Path, *, steps: int = 1500, batch:
     model = wam_fast.WAMTransformer(config)
     dataset = LatentDataset(demos)
     data = {k: v.float() for k, v in dataset.get(list(range(len(dataset)))).items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     last = config.num_train_timesteps - 1
     video_shape = (config.noisy_frames, config.latent_channels, config.latent_height, config.latent_width)
     action_shape = (config.action_len, config.action_dim)
@@ -185,19 +194,14 @@ def wam_regression_baseline(task: str, demos: Path, *, steps: int = 1500, batch:
                                       objectives.context(config, batch))
         return -action_v  # v = alpha * noise - sigma * x0 = -x0 at the last timestep
 
-    generator = torch.Generator().manual_seed(seed)
-    start, loss = time.perf_counter(), float("nan")
-    for step in range(steps):
-        index = torch.randint(0, len(data["image"]), (batch,), generator=generator).tolist()
+    def batch_loss(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         rows = {k: v[index] for k, v in data.items()}
-        loss_t = ((predict(rows, generator) - rows["actions"]) ** 2).mean()
-        optimizer.zero_grad()
-        loss_t.backward()
-        optimizer.step()
-        schedule.step()
-        loss = loss_t.item()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"wam-regression step {step + 1}/{steps}: loss {loss:.4f} ({time.perf_counter() - start:.0f} s)")
+        return ((predict(rows, generator) - rows["actions"]) ** 2).mean()
+
+    start = time.perf_counter()
+    loss = _fit("wam-regression", model, batch_loss, len(data["image"]), steps=steps, batch=batch, lr=lr,
+                weight_decay=0.0, pct_start=0.05, seed=seed, log=log)
+    train_s = time.perf_counter() - start
     model.eval()
     text = mw.instruction_embedding(task, config.text_len, config.text_dim)
 
@@ -205,7 +209,7 @@ def wam_regression_baseline(task: str, demos: Path, *, steps: int = 1500, batch:
     def act_first(latent: torch.Tensor) -> np.ndarray:
         return predict({"image": latent, "text": text[None]}, torch.Generator().manual_seed(seed))[0, 0].numpy()
 
-    return {"steps": steps, "final_loss": loss, "train_s": round(time.perf_counter() - start, 1),
+    return {"steps": steps, "final_loss": loss, "train_s": round(train_s, 1),
             "mean_action_loss": float(data["actions"].var(0, unbiased=False).mean()),
             "first_action": first_action_spread(act_first, task, layouts=layouts, camera=camera)}
 
