@@ -386,7 +386,7 @@ def test_first_action_spread_tells_a_reading_policy_from_a_constant_one():
 
 
 @needs_metaworld
-def test_diagnose_command_reports_teacher_and_conv_baseline(smoke_run, tmp_path):
+def test_diagnose_command_reports_teacher_and_both_baselines(smoke_run, tmp_path, capsys):
     from wam_fast.eval import diagnose
 
     work = smoke_run.root / "work" / "push-v3"
@@ -394,8 +394,8 @@ def test_diagnose_command_reports_teacher_and_conv_baseline(smoke_run, tmp_path)
     threads = torch.get_num_threads()
     try:
         assert diagnose.main(["--task", "push-v3", "--demos", str(work / "demos"), "--checkpoint",
-                              str(work / "teacher" / "final"), "--conv-bc-steps", "2", "--wam-regression-steps", "2", "--episodes", "1",
-                              "--layouts", "3", "--out", str(out)]) == 0
+                              str(work / "teacher" / "final"), "--conv-bc-steps", "2", "--wam-regression-steps", "2",
+                              "--episodes", "1", "--layouts", "3", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())
@@ -411,3 +411,7 @@ def test_diagnose_command_reports_teacher_and_conv_baseline(smoke_run, tmp_path)
     assert regression["mean_action_loss"] > 0 and np.isfinite(regression["final_loss"])
     with pytest.raises(SystemExit):
         diagnose.main(["--task", "push-v3"])  # nothing to measure
+    assert "nothing to measure" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        diagnose.main(["--task", "push-v3", "--demos", str(work / "demos"), "--layouts", "1"])
+    assert "--layouts must be >= 2, got 1" in capsys.readouterr().err

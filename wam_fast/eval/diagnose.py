@@ -1,4 +1,4 @@
-"""Why does a teacher miss its task? Two measurements on the held-out layouts of an MT1 task.
+"""Why does a teacher miss its task? Three measurements on the held-out layouts of an MT1 task.
 
     python -m wam_fast.eval.diagnose --task push-v3 --demos OUT/push-v3/demos --checkpoint OUT/push-v3/teacher/final
 
@@ -168,7 +168,8 @@ def conv_bc_baseline(task: str, demos: Path, *, steps: int = 3000, episodes: int
 
 
 def wam_regression_baseline(task: str, demos: Path, *, steps: int = 1500, batch: int = 64, lr: float = 1e-3,
-                            layouts: int = 50, camera: str = mw.CAMERA, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+                            layouts: int = 50, camera: str = mw.CAMERA, seed: int = 0,
+                            log: Callable[[str], None] = print) -> dict:
     """Train the task's teacher network as a regressor of the chunk (module docstring, 3); its final
     action MSE and first-action spread. At alpha 0 the v-prediction target is -x0."""
     import wam_fast
@@ -241,11 +242,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="training steps of the WAM regression baseline (0: skip it)")
     parser.add_argument("--episodes", type=int, default=30, help="closed-loop held-out episodes of the conv baseline")
     parser.add_argument("--layouts", type=int, default=50, help="held-out layouts of the first-action spread")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", help="write the report as JSON here (atomically)")
     args = parser.parse_args(argv)
     if not args.demos and not args.checkpoint:
         parser.error("nothing to measure: give --demos and/or --checkpoint")
+    for flag, value, least in (("--conv-bc-steps", args.conv_bc_steps, 0), ("--wam-regression-steps",
+                               args.wam_regression_steps, 0), ("--episodes", args.episodes, 1),
+                               ("--layouts", args.layouts, 2), ("--threads", args.threads, 1)):
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
     torch.set_num_threads(args.threads)
     camera = args.camera or _demos_camera(args.demos) or fidelity.Settings.for_task(args.task).camera
     command = " ".join(["python -m wam_fast.eval.diagnose", *(sys.argv[1:] if argv is None else argv)])
