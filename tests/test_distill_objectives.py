@@ -318,6 +318,37 @@ def test_diffusion_objective_matches_its_definition(objective_name):
     assert 0 < draws["drop"].sum() < 6
 
 
+@pytest.mark.parametrize("objective_name", OBJECTIVES)
+def test_diffusion_objective_at_one_timestep_is_a_regressor(objective_name):
+    # timestep = the last one: the input is (almost) pure noise and the loss is the action MSE against
+    # the target there (v = -x0 with zero terminal SNR): a regression of the chunk.
+    config = small_config(objective_name)
+    model = make_teacher(config)
+    last = config.num_train_timesteps - 1
+    objective = O.DiffusionObjective(config, cond_dropout=0.0, video_weight=0.0, timestep=last)
+    batch = make_batch(config, 5)
+    draws = objective.draw(5, torch.Generator().manual_seed(0))
+    uniform = O.DiffusionObjective(config).draw(5, torch.Generator().manual_seed(0))
+    assert draws["t"].tolist() == [float(last)] * 5 and len(set(uniform["t"].tolist())) > 1
+    torch.testing.assert_close(draws["noise"], uniform["noise"], rtol=0, atol=0)
+    loss, metrics = objective.loss(model, None, batch, draws)
+    sched = schedule_for(config)
+    nv, na = O._split(config, draws["noise"])
+    t = draws["t"]
+    alpha, _ = sched.alpha_sigma(t)
+    assert (alpha == 0).all() if objective_name == "v_prediction" else (alpha < 2e-3).all()  # (almost) pure noise
+    x0v = torch.cat((batch["image"], batch["future"]), dim=1)
+    with torch.no_grad():
+        _, out_a = model(sched.add_noise(x0v, nv, t), batch["text"], sched.add_noise(batch["actions"], na, t), t,
+                         image=batch["image"])
+    want = torch.nn.functional.mse_loss(out_a, sched.target(batch["actions"], na, t))
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+    assert metrics["loss_video"] > 0  # measured, not trained
+    for bad in (-1, config.num_train_timesteps, 2.5, True):
+        with pytest.raises(ValueError, match=f"timestep must be None .* got {bad!r}"):
+            O.DiffusionObjective(config, timestep=bad)
+
+
 def test_shortcut_training_lowers_its_loss():
     """A few AdamW steps on one batch lower the shortcut loss (the gradients point somewhere useful)."""
     config = small_config()

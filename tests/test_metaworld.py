@@ -112,6 +112,8 @@ def test_task_settings_apply_to_the_full_and_the_smoke_run(monkeypatch):
     smoke = fidelity.Settings.smoke("reach-v3")  # the task's camera and model, at the CI's sizes
     assert (smoke.camera, smoke.patch_size) == ("corner4", 8)
     assert (smoke.episodes, smoke.teacher_steps, smoke.noise_levels, smoke.distill_steps) == (2, 3, (0.0,), 2)
+    assert smoke.teacher_pretrain_steps == 0  # a stage the task does not have stays off in its smoke run
+    assert push.teacher_pretrain_steps == 6000 and fidelity.Settings.smoke("push-v3").teacher_pretrain_steps == 2
 
 
 @pytest.mark.parametrize("task", ["push-v3", "drawer-open-v3"])
@@ -269,6 +271,26 @@ def test_smoke_run_writes_the_results_schema(smoke_run):
     for method in ("shortcut", "consistency"):
         assert results["training"][method]["command"].startswith("python -m wam_fast.distill --teacher")
     assert smoke_run.json.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_metaworld
+def test_teacher_starts_from_its_regression_pretraining(smoke_run, tmp_path):
+    import wam_fast
+
+    demos = smoke_run.root / "work" / "push-v3" / "demos"
+    # 1 teacher step at a negligible lr: the teacher must then hold the pretrained weights, not a fresh init
+    settings = dataclasses.replace(fidelity.Settings.smoke("push-v3"), teacher_pretrain_steps=2, teacher_steps=1,
+                                   teacher_lr=1e-12)
+    final = fidelity.train_teacher(settings, demos, tmp_path / "teacher", progress=False)
+    teacher = wam_fast.load_pretrained(final).state_dict()
+    pretrained = wam_fast.load_pretrained(tmp_path / "teacher" / "pretrain" / "final").state_dict()
+    torch.manual_seed(settings.seed)
+    fresh = wam_fast.WAMTransformer(fidelity.model_config(settings)).state_dict()
+    assert max((teacher[k].float() - pretrained[k].float()).abs().max().item() for k in teacher) < 1e-6
+    assert max((teacher[k].float() - fresh[k].float()).abs().max().item() for k in teacher) > 1e-4
+    metrics = [json.loads(line) for line in (tmp_path / "teacher" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["loss"] == pytest.approx(m["loss_actions"]) for m in metrics)  # the action loss only
+    assert fidelity.train_teacher(settings, demos, tmp_path / "teacher", progress=False) == final  # resumes
 
 
 @needs_metaworld

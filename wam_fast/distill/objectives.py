@@ -199,25 +199,33 @@ def _check_weights(video_weight, action_weight):
 class DiffusionObjective:
     """The teacher's denoising loss (as ``schedules.diffusion_loss``, with the draws made up front).
 
-    One timestep per sample shared by video and actions, uniform over the training range;
+    One timestep per sample shared by video and actions, uniform over the training range, or always
+    ``timestep`` when given (at the last one the input is pure noise under zero terminal SNR, and the
+    model a plain regressor of the clean sample: a pretraining stage that must read the condition);
     ``cond_dropout`` zeroes the text of that fraction of samples (the unconditional model that
     guidance needs). Loss = video_weight * MSE(video) + action_weight * MSE(actions).
     """
 
     def __init__(self, config: WAMConfig, cond_dropout: float = 0.1, video_weight: float = 1.0,
-                 action_weight: float = 1.0):
+                 action_weight: float = 1.0, timestep: Optional[int] = None):
         if not isinstance(config, WAMConfig):
             raise TypeError(f"DiffusionObjective expects a WAMConfig, got {type(config).__name__}")
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must be a fraction in [0, 1], got {cond_dropout!r}")
         _check_weights(video_weight, action_weight)
+        if timestep is not None and (isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral)
+                                     or not 0 <= timestep < config.num_train_timesteps):
+            raise ValueError(f"timestep must be None (uniform) or an int in [0, {config.num_train_timesteps - 1}] "
+                             f"(num_train_timesteps - 1), got {timestep!r}")
         self.config, self.schedule = config, schedule_for(config)
         self.cond_dropout, self.video_weight, self.action_weight = cond_dropout, video_weight, action_weight
+        self.timestep = timestep
 
     def draw(self, rows: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         c = self.config
+        t = self.schedule.train_timesteps(rows, generator, "cpu")  # drawn either way: same noise below
         return {
-            "t": self.schedule.train_timesteps(rows, generator, "cpu"),
+            "t": t if self.timestep is None else torch.full_like(t, float(self.timestep)),
             "noise": torch.randn((rows, c.noisy_frames * c.latent_channels * c.latent_height * c.latent_width
                                   + c.action_len * c.action_dim), generator=generator),
             "drop": torch.rand((rows,), generator=generator) < self.cond_dropout,
