@@ -268,6 +268,7 @@ def test_smoke_run_writes_the_results_schema(smoke_run):
     assert rows["shortcut-4step-fp8"]["precision"] == "fp8"
     assert results["environment"]["metaworld"] and "targets" in results
     assert results["demos"]["episodes"] == 2 and results["demos"]["samples"] > 0
+    assert results["training"]["teacher_pretrain"]["step"] == 2  # push-v3's regression stage (TASK_SETTINGS)
     for method in ("shortcut", "consistency"):
         assert results["training"][method]["command"].startswith("python -m wam_fast.distill --teacher")
     assert smoke_run.json.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
@@ -353,6 +354,13 @@ def test_retime_replaces_only_the_timings(smoke_run):
         assert {k: v for k, v in old.items() if not k.startswith("latency")} == \
             {k: v for k, v in new.items() if not k.startswith("latency")}
         assert len(new["latency_ms_raw"]) == 5 and new["latency_ms"] == pytest.approx(np.median(new["latency_ms_raw"]))
+    try:  # a resumed run keeps the re-timed rows and the environment they were timed in
+        assert fidelity.main(smoke_run.argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    resumed = json.loads(smoke_run.json.read_text())
+    assert resumed["retimed"] and resumed["environment"] == after["environment"]
+    assert resumed["models"] == after["models"]
 
 
 @needs_metaworld

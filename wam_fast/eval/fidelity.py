@@ -511,10 +511,13 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
                "command": f"python -m wam_fast.eval --task {settings.task} --out {out}",
                "demos": demo_data.metadata.get("metaworld", {}) | {"samples": len(demo_data)},
                "training": {"teacher": _last_metrics(task_dir / "teacher" / "metrics.jsonl")}}
-    if path.is_file():  # resume: keep rows measured with the same settings
+    if settings.teacher_pretrain_steps > 0:
+        results["training"]["teacher_pretrain"] = _last_metrics(task_dir / "teacher" / "pretrain" / "metrics.jsonl")
+    if path.is_file():  # resume: keep rows measured with the same settings, and how they were timed
         old = json.loads(path.read_text())
         if old.get("settings") == settings_dict:
             results["models"] = [m for m in old["models"] if m["name"] in settings.models]
+            results.update({key: old[key] for key in ("environment", "retimed") if key in old})
     config = model_config(settings)
     text = mw.instruction_embedding(settings.task, config.text_len, config.text_dim)
     envs = [mw.MetaWorldEnv(settings.task, "heldout", camera=settings.camera) for _ in range(settings.episodes)]
@@ -524,6 +527,8 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
             if any(m["name"] == row.name for m in results["models"]):
                 continue
             measured = evaluate_row(row, checkpoints, settings, text, envs)
+            results["environment"] = environment()  # this row's; the file is no longer all retimed
+            results.pop("retimed", None)
             logger.info(f"{settings.task} {row.name}: success {measured['success']:.0%} "
                         f"[{measured['ci95'][0]:.0%}, {measured['ci95'][1]:.0%}] of {settings.episodes}, "
                         f"{measured['latency_ms']:.1f} ms/chunk")
