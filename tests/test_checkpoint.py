@@ -108,3 +108,17 @@ def test_atomic_write_leaves_the_mode_of_a_plain_write(tmp_path):
         assert (tmp_path / "new.json").read_text() == "[]"
     finally:
         os.umask(old)
+
+
+def test_training_checkpoints_leave_the_modes_of_a_plain_write(tmp_path):
+    from wam_fast.distill import train_state
+
+    old = os.umask(0o022)
+    try:
+        directory = train_state.write_checkpoint(tmp_path, 3, {"model.safetensors": {"w": torch.ones(2)}},
+                                                 {"format": train_state.FORMAT, "step": 3}, keep=2)
+    finally:
+        os.umask(old)
+    assert directory.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()} == {
+        "model.safetensors": 0o644, train_state.STATE_NAME: 0o644}  # safetensors' own is 0o600

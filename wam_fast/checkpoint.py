@@ -31,15 +31,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def plain_mode(base: int = 0o666) -> int:
+    """``base`` minus the umask: what open() (0o666) or mkdir() (0o777) would leave."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return base & ~umask
+
+
 def _new_file_mode(path: Path) -> int:
     """The mode a plain write would leave: the replaced file's, else 0o666 minus the umask
     (mkstemp's own 0o600 would hide checkpoints and results from the rest of a team)."""
     try:
         return path.stat().st_mode & 0o777
     except FileNotFoundError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return plain_mode(0o666)
 
 
 def atomic_write(path: Union[str, Path], write) -> None:

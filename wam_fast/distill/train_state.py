@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from wam_fast.checkpoint import _fsync_dir, atomic_write
+from wam_fast.checkpoint import _fsync_dir, atomic_write, plain_mode
 
 logger = logging.getLogger("wam_fast.distill")
 
@@ -111,10 +111,12 @@ def write_checkpoint(out_dir: PathLike, step: int, tensors: Dict[str, Dict[str, 
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
+        os.chmod(tmp, plain_mode(0o777))  # mkdtemp's 0o700 would hide the run from the rest of a team
         for file_name, flat in tensors.items():
             path = tmp / file_name
             save_file({k: v.detach().contiguous().cpu() for k, v in flat.items()}, str(path),
                       metadata={"format": FORMAT, "step": str(step)})
+            os.chmod(path, plain_mode(0o666))  # safetensors writes 0o600
             _fsync_file(path)
         state_path = tmp / STATE_NAME  # written last: its presence marks a complete directory
         state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
