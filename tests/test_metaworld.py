@@ -21,6 +21,16 @@ needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is No
                                      reason='Meta-World is not installed: pip install "wam_fast[sim]"')
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_run_as_users_run_it():
+    # CI sets TRITON_INTERPRET=1 for the kernel tests; under it the FP8 rows would run interpreted Triton
+    # (seconds a chunk, minutes of CI). The harness runs as `python -m wam_fast.eval` does on a CPU:
+    # FP8 on its torch backend. The kernels themselves are tested in test_fp8_linear.py.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _quiet_experts():
     with warnings.catch_warnings():  # the scripted experts warn about their own gains
