@@ -349,6 +349,55 @@ def test_diffusion_objective_at_one_timestep_is_a_regressor(objective_name):
             O.DiffusionObjective(config, timestep=bad)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 3, 7, 5), (2, 1, 4, 6), (4, 1, 2, 9, 9)])
+def test_shift_frames_matches_a_clamped_index_reference(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    frames = torch.randn(shape, generator=g)
+    height, width = shape[-2:]
+    pad = 3
+    shifts = torch.randint(-pad, pad + 1, (shape[0], 2), generator=g)
+    shifts[0] = torch.tensor([pad, -pad])  # the extremes, where most of the frame is repeated edge
+    out = O.shift_frames(frames, shifts, pad)
+    want = torch.empty_like(frames)
+    for b, (dy, dx) in enumerate(shifts.tolist()):
+        for y in range(height):
+            for x in range(width):
+                want[b, ..., y, x] = frames[b, ..., min(max(y + dy, 0), height - 1), min(max(x + dx, 0), width - 1)]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for dtype in (torch.float16, torch.bfloat16):  # the demos' latents are float16: moved, not rounded
+        torch.testing.assert_close(O.shift_frames(frames.to(dtype), shifts, pad), want.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(O.shift_frames(frames, torch.zeros_like(shifts), pad), frames, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"shifts must be \(rows, 2\)"):
+        O.shift_frames(frames, shifts[:1], pad)
+    with pytest.raises(ValueError, match=r"shifts must lie in \[-1, 1\], got up to 3"):
+        O.shift_frames(frames, shifts, 1)
+
+
+@pytest.mark.parametrize("objective_name", OBJECTIVES)
+def test_diffusion_objective_random_shift_moves_every_frame_of_a_sample_alike(objective_name):
+    config = small_config(objective_name)
+    model = make_teacher(config)
+    batch = make_batch(config, 6, history=2)
+    plain = O.DiffusionObjective(config, cond_dropout=0.0)
+    shifted = O.DiffusionObjective(config, cond_dropout=0.0, random_shift=2)
+    draws = shifted.draw(6, torch.Generator().manual_seed(0))
+    before = plain.draw(6, torch.Generator().manual_seed(0))
+    assert "shift" not in before and set(draws) == set(before) | {"shift"}
+    for key in before:  # without a shift, the draws are unchanged (recorded runs reproduce)
+        torch.testing.assert_close(draws[key], before[key], rtol=0, atol=0)
+    assert draws["shift"].shape == (6, 2) and draws["shift"].abs().max() <= 2 and draws["shift"].abs().sum() > 0
+    loss, _ = shifted.loss(model, None, batch, draws)
+    moved = {k: O.shift_frames(v, draws["shift"], 2) if k in ("image", "future", "history") else v
+             for k, v in batch.items()}
+    want, _ = plain.loss(model, None, moved, before)
+    unmoved, _ = plain.loss(model, None, batch, before)
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
+    assert abs(loss.item() - unmoved.item()) > 1e-4  # the shift reached the model
+    for bad in (-1, 4, 1.5, True):  # latent frames are 4x4 here
+        with pytest.raises(ValueError, match=f"random_shift must be an int in \\[0, 3\\].*got {bad!r}"):
+            O.DiffusionObjective(config, random_shift=bad)
+
+
 def test_shortcut_training_lowers_its_loss():
     """A few AdamW steps on one batch lower the shortcut loss (the gradients point somewhere useful)."""
     config = small_config()

@@ -285,14 +285,19 @@ def test_smoke_run_writes_the_results_schema(smoke_run):
 
 
 @needs_metaworld
-def test_teacher_starts_from_its_regression_pretraining(smoke_run, tmp_path):
+def test_teacher_starts_from_its_regression_pretraining(smoke_run, tmp_path, monkeypatch):
     import wam_fast
+    from wam_fast.distill import objectives
 
     demos = smoke_run.root / "work" / "push-v3" / "demos"
     # 1 teacher step at a negligible lr: the teacher must then hold the pretrained weights, not a fresh init
     settings = dataclasses.replace(fidelity.Settings.smoke("push-v3"), teacher_pretrain_steps=2, teacher_steps=1,
-                                   teacher_lr=1e-12)
+                                   teacher_lr=1e-12, teacher_random_shift=2)
+    made = []
+    real_objective = objectives.DiffusionObjective
+    monkeypatch.setattr(objectives, "DiffusionObjective", lambda *a, **k: made.append(real_objective(*a, **k)) or made[-1])
     final = fidelity.train_teacher(settings, demos, tmp_path / "teacher", progress=False)
+    assert [(o.timestep, o.video_weight, o.random_shift) for o in made] == [(999, 0.0, 2), (None, 1.0, 2)]
     teacher = wam_fast.load_pretrained(final).state_dict()
     pretrained = wam_fast.load_pretrained(tmp_path / "teacher" / "pretrain" / "final").state_dict()
     torch.manual_seed(settings.seed)

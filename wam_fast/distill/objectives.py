@@ -196,6 +196,26 @@ def _check_weights(video_weight, action_weight):
 
 
 # ---- teacher training ----------------------------------------------------------------------------
+def shift_frames(frames: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
+    """``frames`` (rows, ..., H, W), each row moved by its ``shifts`` (rows, 2) = (dy, dx) in [-pad, pad]:
+    out[..., y, x] = frames[..., y + dy, x + dx], the edge pixels repeated where that leaves the frame."""
+    if shifts.shape != (frames.shape[0], 2):
+        raise ValueError(f"shifts must be (rows, 2) = ({frames.shape[0]}, 2), got {tuple(shifts.shape)}")
+    if pad <= 0:
+        return frames
+    if int(shifts.abs().max()) > pad:
+        raise ValueError(f"shifts must lie in [-{pad}, {pad}], got up to {int(shifts.abs().max())}")
+    rows, (height, width) = frames.shape[0], frames.shape[-2:]
+    flat = frames.reshape(rows, -1, height, width)
+    padded = F.pad(flat.float(), (pad, pad, pad, pad), mode="replicate").to(frames.dtype)
+    shifts = shifts.to(frames.device)
+    y = torch.arange(height, device=frames.device) + pad + shifts[:, :1]  # (rows, H)
+    x = torch.arange(width, device=frames.device) + pad + shifts[:, 1:]  # (rows, W)
+    row = torch.arange(rows, device=frames.device)[:, None, None, None]
+    channel = torch.arange(flat.shape[1], device=frames.device)[None, :, None, None]
+    return padded[row, channel, y[:, None, :, None], x[:, None, None, :]].reshape(frames.shape)
+
+
 class DiffusionObjective:
     """The teacher's denoising loss (as ``schedules.diffusion_loss``, with the draws made up front).
 
@@ -204,10 +224,13 @@ class DiffusionObjective:
     model a plain regressor of the clean sample: a pretraining stage that must read the condition);
     ``cond_dropout`` zeroes the text of that fraction of samples (the unconditional model that
     guidance needs). Loss = video_weight * MSE(video) + action_weight * MSE(actions).
+    ``random_shift`` > 0 moves every frame of a sample (image, future, history) by one random offset of
+    up to that many latent pixels in each direction (``shift_frames``): an augmentation that keeps a
+    model trained on few scene layouts from memorising where things are in the frame.
     """
 
     def __init__(self, config: WAMConfig, cond_dropout: float = 0.1, video_weight: float = 1.0,
-                 action_weight: float = 1.0, timestep: Optional[int] = None):
+                 action_weight: float = 1.0, timestep: Optional[int] = None, random_shift: int = 0):
         if not isinstance(config, WAMConfig):
             raise TypeError(f"DiffusionObjective expects a WAMConfig, got {type(config).__name__}")
         if not 0.0 <= cond_dropout <= 1.0:
@@ -217,23 +240,33 @@ class DiffusionObjective:
                                      or not 0 <= timestep < config.num_train_timesteps):
             raise ValueError(f"timestep must be None (uniform) or an int in [0, {config.num_train_timesteps - 1}] "
                              f"(num_train_timesteps - 1), got {timestep!r}")
+        if isinstance(random_shift, bool) or not isinstance(random_shift, numbers.Integral) or not (
+                0 <= random_shift < min(config.latent_height, config.latent_width)):
+            raise ValueError(f"random_shift must be an int in [0, {min(config.latent_height, config.latent_width) - 1}] "
+                             f"(latent pixels, less than the frame), got {random_shift!r}")
         self.config, self.schedule = config, schedule_for(config)
         self.cond_dropout, self.video_weight, self.action_weight = cond_dropout, video_weight, action_weight
-        self.timestep = timestep
+        self.timestep, self.random_shift = timestep, int(random_shift)
 
     def draw(self, rows: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         c = self.config
         t = self.schedule.train_timesteps(rows, generator, "cpu")  # drawn either way: same noise below
-        return {
+        draws = {
             "t": t if self.timestep is None else torch.full_like(t, float(self.timestep)),
             "noise": torch.randn((rows, c.noisy_frames * c.latent_channels * c.latent_height * c.latent_width
                                   + c.action_len * c.action_dim), generator=generator),
             "drop": torch.rand((rows,), generator=generator) < self.cond_dropout,
         }
+        if self.random_shift:  # drawn last: without a shift, the draws are those of earlier versions
+            draws["shift"] = torch.randint(-self.random_shift, self.random_shift + 1, (rows, 2), generator=generator)
+        return draws
 
     def loss(self, student, ema, batch, draws):
         _check_batch(batch)
         c = self.config
+        if "shift" in draws:
+            batch = dict(batch, **{name: shift_frames(batch[name], draws["shift"], self.random_shift)
+                                   for name in ("image", "future", "history") if batch.get(name) is not None})
         x0 = _flat(clean_targets(c, batch).float(), batch["actions"].float())
         noise, t = draws["noise"].to(x0.device), draws["t"]
         alpha, sigma = alpha_sigma(self.schedule, t)

@@ -90,6 +90,7 @@ class Settings:
     teacher_batch: int = 64
     teacher_lr: float = 1e-3
     action_weight: float = 1.0  # teacher loss = video MSE + action_weight * action MSE
+    teacher_random_shift: int = 0  # both teacher stages: frames moved by up to this many pixels (augmentation)
     distill_steps: int = 600
     distill_batch: int = 64
     distill_lr: float = 3e-4
@@ -205,14 +206,16 @@ def train_teacher(settings: Settings, demos: Path, directory: Path, progress: bo
     dataset = LatentDataset(demos)
     if settings.teacher_pretrain_steps > 0:
         regression = objectives.DiffusionObjective(config, cond_dropout=0.0, video_weight=0.0, action_weight=1.0,
-                                                   timestep=config.num_train_timesteps - 1)
+                                                   timestep=config.num_train_timesteps - 1,
+                                                   random_shift=settings.teacher_random_shift)
         pretrain = trainer.train(model, regression, dataset, _teacher_train_config(
             settings, settings.teacher_pretrain_steps, settings.teacher_pretrain_lr, progress), directory / "pretrain")
         logger.info(f"teacher {settings.task} pretraining: step {pretrain.step}, "
                     f"action loss {pretrain.metrics.get('loss', float('nan')):.4f}")
         model = wam_fast.load_pretrained(pretrain.final).float()
     # cond_dropout 0: MT1 has one instruction per model, so guidance has nothing to amplify (cfg 1).
-    objective = objectives.DiffusionObjective(config, cond_dropout=0.0, action_weight=settings.action_weight)
+    objective = objectives.DiffusionObjective(config, cond_dropout=0.0, action_weight=settings.action_weight,
+                                              random_shift=settings.teacher_random_shift)
     result = trainer.train(model, objective, dataset, _teacher_train_config(
         settings, settings.teacher_steps, settings.teacher_lr, progress), directory)
     logger.info(f"teacher {settings.task}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}")
