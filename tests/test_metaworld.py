@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from wam_fast.eval import fidelity
+from wam_fast.eval import autoencoder, fidelity
 from wam_fast.eval import metaworld as mw
 
 needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
@@ -116,14 +116,25 @@ def test_markdown_table_lists_every_row_against_the_teacher():
 
 def test_task_settings_apply_to_the_full_and_the_smoke_run(monkeypatch):
     push = fidelity.Settings.for_task("push-v3")  # see TASK_SETTINGS
-    assert push.noise_levels == (0.0, 0.03, 0.06, 0.1) and push.distill_steps == 300
+    assert push.noise_levels == (0.0, 0.03, 0.06, 0.1) and push.patch_size == 2
     assert fidelity.Settings.for_task("drawer-open-v3") == fidelity.Settings(task="drawer-open-v3")
     monkeypatch.setitem(fidelity.TASK_SETTINGS, "reach-v3", {"camera": "corner4", "patch_size": 8, "teacher_steps": 9})
     smoke = fidelity.Settings.smoke("reach-v3")  # the task's camera and model, at the CI's sizes
     assert (smoke.camera, smoke.patch_size) == ("corner4", 8)
     assert (smoke.episodes, smoke.teacher_steps, smoke.noise_levels, smoke.distill_steps) == (2, 3, (0.0,), 2)
     assert smoke.teacher_pretrain_steps == 0  # a stage the task does not have stays off in its smoke run
-    assert push.teacher_pretrain_steps == 6000 and fidelity.Settings.smoke("push-v3").teacher_pretrain_steps == 2
+    assert push.teacher_pretrain_steps > 0 and fidelity.Settings.smoke("push-v3").teacher_pretrain_steps == 2
+    assert push.latent_space == "autoencoder" and fidelity.Settings.smoke("push-v3").autoencoder_steps == 2
+
+
+def test_model_config_follows_the_latent_space():
+    pixels = fidelity.model_config(fidelity.Settings(task="drawer-open-v3"))
+    assert (pixels.latent_channels, pixels.latent_height, pixels.patch_size) == (3, 64, 16)
+    latents = fidelity.model_config(fidelity.Settings(task="push-v3", latent_space="autoencoder", patch_size=2))
+    assert (latents.latent_channels, latents.latent_height, latents.latent_width) == (16, 8, 8)
+    assert latents.tokens_per_frame == pixels.tokens_per_frame == 16
+    with pytest.raises(ValueError, match=r"latent_space must be one of \('pixels', 'autoencoder'\), got 'vae'"):
+        fidelity.model_config(fidelity.Settings(task="push-v3", latent_space="vae"))
 
 
 @pytest.mark.parametrize("task", ["push-v3", "drawer-open-v3"])
@@ -279,6 +290,8 @@ def test_smoke_run_writes_the_results_schema(smoke_run):
     assert results["environment"]["metaworld"] and "targets" in results
     assert results["demos"]["episodes"] == 2 and results["demos"]["samples"] > 0
     assert results["training"]["teacher_pretrain"]["step"] == 2  # push-v3's regression stage (TASK_SETTINGS)
+    assert results["training"]["autoencoder"]["step"] == 2  # and its latent space (TASK_SETTINGS)
+    assert Path(results["autoencoder"]) == smoke_run.root / "work" / "push-v3" / "autoencoder" / "frozen"
     for method in ("shortcut", "consistency"):
         assert results["training"][method]["command"].startswith("python -m wam_fast.distill --teacher")
     assert smoke_run.json.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
@@ -289,7 +302,7 @@ def test_teacher_starts_from_its_regression_pretraining(smoke_run, tmp_path, mon
     import wam_fast
     from wam_fast.distill import objectives
 
-    demos = smoke_run.root / "work" / "push-v3" / "demos"
+    demos = smoke_run.root / "work" / "push-v3" / "latents"
     # 1 teacher step at a negligible lr: the teacher must then hold the pretrained weights, not a fresh init
     settings = dataclasses.replace(fidelity.Settings.smoke("push-v3"), teacher_pretrain_steps=2, teacher_steps=1,
                                    teacher_lr=1e-12, teacher_random_shift=2)
@@ -323,10 +336,14 @@ def test_rows_build_the_policies_they_name(smoke_run):
 
     work = smoke_run.root / "work" / "push-v3"
     checkpoints = {"teacher": work / "teacher" / "final", "shortcut": work / "student-shortcut" / "final",
-                   "consistency": work / "student-consistency" / "final"}
+                   "consistency": work / "student-consistency" / "final", "autoencoder": work / "autoencoder" / "frozen"}
     rows = {row.name: row for row in fidelity.MODELS}
     teacher = fidelity.make_policy(rows["teacher"], checkpoints, 0)
     assert teacher.cache is None and teacher.steps == 10 and teacher.cfg_scale == 1.0
+    assert isinstance(teacher, autoencoder.EncodingPolicy)  # push-v3's WAMs work on autoencoder latents
+    pixels = mw.image_to_latent(np.zeros((1, 64, 64, 3), np.uint8))[:, None]
+    teacher.reset(mw.instruction_embedding("push-v3", 4, 32)[None])
+    assert teacher.act(pixels).actions.shape == (1, 8, 4)
     fp32 = fidelity.make_policy(rows["shortcut-2step"], checkpoints, 0)
     fp8 = fidelity.make_policy(rows["shortcut-2step-fp8"], checkpoints, 0)
     assert fp32.cache is not None and fp32.steps == 2 and not fp8_layers(fp32.model)
@@ -439,7 +456,8 @@ def test_diagnose_command_reports_teacher_and_both_baselines(smoke_run, tmp_path
     threads = torch.get_num_threads()
     try:
         assert diagnose.main(["--task", "push-v3", "--demos", str(work / "demos"), "--checkpoint",
-                              str(work / "teacher" / "final"), "--conv-bc-steps", "2", "--wam-regression-steps", "2",
+                              str(work / "teacher" / "final"), "--autoencoder", str(work / "autoencoder" / "frozen"),
+                              "--conv-bc-steps", "2", "--wam-regression-steps", "2",
                               "--episodes", "1", "--layouts", "3", "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -454,6 +472,8 @@ def test_diagnose_command_reports_teacher_and_both_baselines(smoke_run, tmp_path
     regression = report["wam_regression"]
     assert regression["steps"] == 2 and regression["first_action"]["layouts"] == 3
     assert regression["mean_action_loss"] > 0 and np.isfinite(regression["final_loss"])
+    assert diagnose.main(["--task", "push-v3", "--checkpoint", str(work / "teacher" / "final")]) == 2
+    assert "autoencoder latents, not pixels: pass its autoencoder (--autoencoder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         diagnose.main(["--task", "push-v3"])  # nothing to measure
     assert "nothing to measure" in capsys.readouterr().err

@@ -10,14 +10,15 @@
    regressed onto the expert's action chunks (behaviour cloning, no diffusion) from the same demos,
    evaluated closed loop like the teacher. If it succeeds where the teacher does not, the gap is the
    teacher's latent space or capacity, not the data or the 64x64 camera.
-3. ``wam_regression_baseline``: is it the diffusion objective or the network? The task's teacher
-   WAMTransformer (``fidelity.model_config``) trained on the action loss at the last timestep only,
+3. ``wam_regression_baseline``: is it the diffusion objective or the network? The pixel-patch teacher
+   WAMTransformer (``fidelity.model_config`` with pixels, patch 16) trained on the action loss at the last timestep only,
    where every noisy input is pure noise (zero terminal SNR): a deterministic regressor of the chunk,
    trained like the conv baseline. If it does not read the layout either, the network is the gap.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -59,15 +60,24 @@ def first_action_spread(act_first: Callable[[torch.Tensor], np.ndarray], task: s
             "correlation_xy": [correlation(0), correlation(1)]}
 
 
-def teacher_first_action(checkpoint: Path, task: str, steps: int, seed: int = 0) -> Callable:
-    """``act_first`` of a saved WAM (sampled with ``steps`` steps, a fresh policy and seed per call)."""
+def teacher_first_action(checkpoint: Path, task: str, steps: int, seed: int = 0,
+                         autoencoder: Optional[Path] = None) -> Callable:
+    """``act_first`` of a saved WAM (sampled with ``steps`` steps, a fresh policy and seed per call); a WAM
+    over autoencoder latents needs its frozen autoencoder (``OUT/<task>/autoencoder/frozen``)."""
     import wam_fast
+    from wam_fast.eval import autoencoder as frame_autoencoder
 
     model = wam_fast.load_pretrained(checkpoint).float().eval()
     text = mw.instruction_embedding(task, model.config.text_len, model.config.text_dim)
+    if autoencoder is None and model.config.latent_channels != 3:
+        raise ValueError(f"{checkpoint} works on {model.config.latent_channels}-channel autoencoder latents, not "
+                         f"pixels: pass its autoencoder (--autoencoder OUT/{task}/autoencoder/frozen)")
+    encoder = frame_autoencoder.load_autoencoder(autoencoder) if autoencoder is not None else None
 
     def act_first(latent: torch.Tensor) -> np.ndarray:
         policy = wam_fast.WAMPolicy(model, steps=steps, cache=False, seed=seed, cfg_scale=1.0)
+        if encoder is not None:
+            policy = frame_autoencoder.EncodingPolicy(policy, encoder)
         policy.reset(text[None])
         return policy.act(latent).actions.float()[0, 0].numpy()
 
@@ -177,7 +187,9 @@ def wam_regression_baseline(task: str, demos: Path, *, steps: int = 1500, batch:
     from wam_fast.distill.data import LatentDataset
     from wam_fast.eval import fidelity
 
-    config = fidelity.model_config(fidelity.Settings.for_task(task))
+    # the pixel-patch network (the demos are pixels), as in the recorded diagnosis files
+    config = fidelity.model_config(dataclasses.replace(fidelity.Settings.for_task(task), latent_space="pixels",
+                                                       patch_size=16))
     torch.manual_seed(seed)
     model = wam_fast.WAMTransformer(config)
     dataset = LatentDataset(demos)
@@ -234,6 +246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         "trains and evaluates the two baselines")
     parser.add_argument("--checkpoint", action="append", default=[],
                         help="a teacher checkpoint (OUT/<task>/teacher/final): its first-action spread (repeatable)")
+    parser.add_argument("--autoencoder", help="the frozen autoencoder of --checkpoint teachers over autoencoder "
+                                              "latents (OUT/<task>/autoencoder/frozen)")
     parser.add_argument("--camera", default=None, help="default: the demos' camera, else the task's in "
                                                        "fidelity.TASK_SETTINGS")
     parser.add_argument("--conv-bc-steps", type=int, default=3000, help="training steps of the conv baseline "
@@ -257,9 +271,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = " ".join(["python -m wam_fast.eval.diagnose", *(sys.argv[1:] if argv is None else argv)])
     report = {"task": args.task, "camera": camera, "command": command, "environment": fidelity.environment()}
     for checkpoint in args.checkpoint:
+        try:
+            acts = {steps: teacher_first_action(Path(checkpoint), args.task, steps,
+                                                autoencoder=Path(args.autoencoder) if args.autoencoder else None)
+                    for steps in (1, 10)}
+        except (ValueError, FileNotFoundError) as error:
+            print(f"python -m wam_fast.eval.diagnose: error: {error}", file=sys.stderr)
+            return 2
         report.setdefault("teachers", {})[checkpoint] = {
-            f"{steps}step": first_action_spread(teacher_first_action(Path(checkpoint), args.task, steps), args.task,
-                                                layouts=args.layouts, camera=camera) for steps in (1, 10)}
+            f"{steps}step": first_action_spread(act, args.task, layouts=args.layouts, camera=camera)
+            for steps, act in acts.items()}
     if args.demos and args.conv_bc_steps > 0:
         report["conv_bc"] = conv_bc_baseline(args.task, Path(args.demos), steps=args.conv_bc_steps,
                                              episodes=args.episodes, layouts=args.layouts, camera=camera)

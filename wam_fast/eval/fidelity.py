@@ -6,14 +6,16 @@
 Per task, each stage reuses what OUT/<task> already holds (a re-run resumes where it stopped):
 
 1. ``demos/``: scripted-expert demonstrations on the train layouts (``metaworld.collect_demos``);
-2. ``teacher/``: a small WAMTransformer (``model_config``: pixel patches, full mask, joint future
-   frame + action chunk) trained with ``DiffusionObjective``; sampled with DDIM, 10 steps;
+   with ``latent_space="autoencoder"``, ``autoencoder/`` (a small conv autoencoder trained on them, then
+   frozen: ``eval.autoencoder``) and ``latents/`` (the demos encoded), which everything after trains on;
+2. ``teacher/``: a small WAMTransformer (``model_config``: pixel patches or autoencoder latents, full
+   mask, joint future frame + action chunk) trained with ``DiffusionObjective``; sampled with DDIM, 10 steps;
 3. ``student-shortcut/``, ``student-consistency/``: ``python -m wam_fast.distill`` of that teacher
    (temporal mask, KV-cacheable, 1/2/4 steps), run as a subprocess with the command printed;
 4. closed-loop evaluation on the held-out layouts (MT1 seed 1) of every row of ``MODELS``: all
    episodes of a row run as one batch, each replans after ``execute`` actions of its chunk; success =
    Meta-World's ``info["success"]`` within ``horizon`` steps, with a 95% Wilson interval; latency =
-   the median wall time of one ``policy.act`` at batch 1 on this machine;
+   the median wall time of one ``policy.act`` at batch 1 on this machine (encoding the frame included);
 5. ``benchmarks/results/metaworld-<task>.json`` (rewritten after every row) and a PNG chart.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 
 from wam_fast.distill.cli import _jsonable
 from wam_fast.distill.data import LatentDataset
+from wam_fast.eval import autoencoder
 from wam_fast.eval import metaworld as mw
 
 logger = logging.getLogger("wam_fast.eval")
@@ -80,7 +83,11 @@ class Settings:
     horizon: int = 200  # control steps per episode (the expert needs 55-110 on push / drawer-open)
     execute: int = 4  # actions executed from each chunk before replanning
     chunk: int = 8
-    patch_size: int = 16
+    latent_space: str = "pixels"  # "pixels": patches of the 64x64 frame; "autoencoder": eval.autoencoder, frozen
+    patch_size: int = 16  # of the latent frame (64x64 pixels, or the autoencoder's 8x8 cells)
+    autoencoder_channels: int = 16
+    autoencoder_steps: int = 2500
+    autoencoder_action_weight: float = 1.0
     num_layers: int = 4
     demo_layouts: int = 50
     noise_levels: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
@@ -108,28 +115,39 @@ class Settings:
     def smoke(cls, task: str) -> "Settings":
         """The CI version: the task's settings (camera, model) at 2 episodes and a few training steps."""
         smoke = dataclasses.replace(cls.for_task(task), episodes=2, horizon=12, demo_layouts=2, noise_levels=(0.0,),
-                                    teacher_steps=3, teacher_batch=8, distill_steps=2, distill_batch=8, num_layers=1)
+                                    teacher_steps=3, teacher_batch=8, distill_steps=2, distill_batch=8, num_layers=1,
+                                    autoencoder_steps=2)
         return dataclasses.replace(smoke, teacher_pretrain_steps=min(2, smoke.teacher_pretrain_steps))
 
 
 # push-v3: the expert re-lifts the hand 20 cm whenever it is more than 2 cm off the puck in x-y, so
 # demonstrations with strong action noise are full of restarts; weaker noise keeps them on the expert's
-# path. A teacher trained over all noise levels never read the puck's few pixels (its first action was the
-# same for every layout: benchmarks/results/metaworld-push-v3-teacher-attempts.json), while the same
-# network trained as a regressor at the last timestep does after 6000 steps (python -m
-# wam_fast.eval.diagnose); so push-v3's teacher starts from that regressor, then trains at a lower lr.
-TASK_SETTINGS = {"push-v3": {"noise_levels": (0.0, 0.03, 0.06, 0.1), "distill_steps": 300,
-                             "teacher_pretrain_steps": 6000, "teacher_lr": 3e-4}}
+# path. Over 16x16 pixel patches the teacher read the puck's few pixels only as a regressor of the chunk
+# that memorised the 50 training layouts (42% held out; benchmarks/results/metaworld-push-v3-teacher-attempts.json),
+# so push-v3's WAMs work on a frozen autoencoder's latents (eval.autoencoder: conv, 8x8 cells, trained to
+# also predict the chunk), and the teacher starts from a regression stage on them, then trains at a lower lr.
+TASK_SETTINGS = {"push-v3": {"noise_levels": (0.0, 0.03, 0.06, 0.1), "latent_space": "autoencoder", "patch_size": 2,
+                             "teacher_pretrain_steps": 2000, "teacher_lr": 3e-4}}
+
+
+LATENT_SPACES = ("pixels", "autoencoder")
 
 
 def model_config(settings: Settings):
-    """The teacher: a small WAMTransformer over 64x64 RGB pixel patches (16 tokens a frame at patch 16),
-    the current frame and the frame after the chunk, a chunk of ``chunk`` 4-D actions."""
+    """The teacher: a small WAMTransformer over the latent frame (64x64 RGB pixels, or the frozen
+    autoencoder's 8x8 cells; 16 tokens a frame at patch 16 / patch 2), the current frame and the frame
+    after the chunk, a chunk of ``chunk`` 4-D actions."""
     from wam_fast.configs import WAMConfig
 
+    if settings.latent_space == "pixels":
+        channels, size = 3, mw.IMAGE_SIZE
+    elif settings.latent_space == "autoencoder":
+        channels, size = settings.autoencoder_channels, mw.IMAGE_SIZE // autoencoder.DOWNSAMPLE
+    else:
+        raise ValueError(f"latent_space must be one of {LATENT_SPACES}, got {settings.latent_space!r}")
     return WAMConfig(name=f"metaworld-{settings.task}", num_layers=settings.num_layers, num_heads=4, head_dim=32,
-                     ffn_mult=4, time_embed_dim=128, text_len=4, text_dim=32, latent_channels=3, image_concat=True,
-                     latent_frames=2, latent_height=mw.IMAGE_SIZE, latent_width=mw.IMAGE_SIZE,
+                     ffn_mult=4, time_embed_dim=128, text_len=4, text_dim=32, latent_channels=channels, image_concat=True,
+                     latent_frames=2, latent_height=size, latent_width=size,
                      patch_size=settings.patch_size, action_len=settings.chunk, action_dim=4, mask="full")
 
 
@@ -181,12 +199,41 @@ def make_demos(settings: Settings, directory: Path) -> Path:
     return directory
 
 
-def _teacher_train_config(settings: Settings, steps: int, lr: float, progress: bool):
+def autoencoder_key(settings: Settings) -> dict:
+    return {"stage": "autoencoder", "demos": demos_key(settings), "channels": settings.autoencoder_channels,
+            "steps": settings.autoencoder_steps, "action_weight": settings.autoencoder_action_weight,
+            "seed": settings.seed}
+
+
+def make_latents(settings: Settings, demos: Path, task_dir: Path, progress: bool = True) -> Tuple[Path, Optional[Path]]:
+    """(the dataset the teacher and students train on, the frozen autoencoder or None). With
+    ``latent_space="autoencoder"``: trains (or resumes) it in ``task_dir/autoencoder`` on the pixel demos,
+    then encodes them into ``task_dir/latents``; with "pixels", the demos themselves."""
+    if settings.latent_space == "pixels":
+        return demos, None
+    model_config(settings)  # a clear error for an unknown latent space
+    key = autoencoder_key(settings)
+    directory = task_dir / "autoencoder"
+    if not _stage_done(directory, key):
+        steps = settings.autoencoder_steps
+        train_config = _train_config(settings, steps, lr=1e-3, weight_decay=1e-4, progress=progress)
+        autoencoder.train_autoencoder(demos, directory, train_config, channels=settings.autoencoder_channels,
+                                      action_weight=settings.autoencoder_action_weight)
+        _mark_done(directory, key)
+    frozen = directory / "frozen"
+    latents, latents_key = task_dir / "latents", {"stage": "latents", "autoencoder": key}
+    if not _stage_done(latents, latents_key):
+        autoencoder.encode_demos(autoencoder.load_autoencoder(frozen), demos, latents)
+        _mark_done(latents, latents_key)
+    return latents, frozen
+
+
+def _train_config(settings: Settings, steps: int, lr: float, progress: bool, weight_decay: float = 0.0):
     from wam_fast.distill import trainer
 
     return trainer.TrainConfig(
         steps=steps, batch_size=settings.teacher_batch, lr=lr, warmup_steps=min(100, steps // 10),
-        lr_schedule="cosine", min_lr_ratio=0.05, weight_decay=0.0, ema_decay=0.995 if steps >= 500 else 0.5,
+        lr_schedule="cosine", min_lr_ratio=0.05, weight_decay=weight_decay, ema_decay=0.995 if steps >= 500 else 0.5,
         precision="fp32", seed=settings.seed, log_every=max(1, min(50, steps // 20)),
         checkpoint_every=max(1, min(250, steps)), progress=progress, tensorboard=False)
 
@@ -208,7 +255,7 @@ def train_teacher(settings: Settings, demos: Path, directory: Path, progress: bo
         regression = objectives.DiffusionObjective(config, cond_dropout=0.0, video_weight=0.0, action_weight=1.0,
                                                    timestep=config.num_train_timesteps - 1,
                                                    random_shift=settings.teacher_random_shift)
-        pretrain = trainer.train(model, regression, dataset, _teacher_train_config(
+        pretrain = trainer.train(model, regression, dataset, _train_config(
             settings, settings.teacher_pretrain_steps, settings.teacher_pretrain_lr, progress), directory / "pretrain")
         logger.info(f"teacher {settings.task} pretraining: step {pretrain.step}, "
                     f"action loss {pretrain.metrics.get('loss', float('nan')):.4f}")
@@ -216,7 +263,7 @@ def train_teacher(settings: Settings, demos: Path, directory: Path, progress: bo
     # cond_dropout 0: MT1 has one instruction per model, so guidance has nothing to amplify (cfg 1).
     objective = objectives.DiffusionObjective(config, cond_dropout=0.0, action_weight=settings.action_weight,
                                               random_shift=settings.teacher_random_shift)
-    result = trainer.train(model, objective, dataset, _teacher_train_config(
+    result = trainer.train(model, objective, dataset, _train_config(
         settings, settings.teacher_steps, settings.teacher_lr, progress), directory)
     logger.info(f"teacher {settings.task}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}")
     return result.final
@@ -253,7 +300,8 @@ def distill_student(settings: Settings, teacher: Path, demos: Path, out: Path, m
 
 # ---- closed-loop evaluation ------------------------------------------------------------------------
 def make_policy(row: ModelRow, checkpoints: Dict[str, Path], seed: int):
-    """A fresh WAMPolicy for ``row`` (a fresh model too: FP8 quantizes its model in place)."""
+    """A fresh WAMPolicy for ``row`` (a fresh model too: FP8 quantizes its model in place). With
+    ``checkpoints["autoencoder"]`` it takes pixel latents and encodes them first (``EncodingPolicy``)."""
     import wam_fast
 
     model = wam_fast.load_pretrained(checkpoints[row.source]).float().eval()
@@ -261,6 +309,8 @@ def make_policy(row: ModelRow, checkpoints: Dict[str, Path], seed: int):
     policy = wam_fast.WAMPolicy(model, steps=row.steps, cache=row.cache, seed=seed, **sampler_options)
     if row.fp8:
         wam_fast.compile(policy, wam_fast.CompileConfig(fp8=True, backend="eager", fused=False, cache=row.cache))
+    if checkpoints.get("autoencoder") is not None:
+        return autoencoder.EncodingPolicy(policy, autoencoder.load_autoencoder(checkpoints["autoencoder"]))
     return policy
 
 
@@ -358,9 +408,11 @@ def retime(settings: Settings, results_dir: Path = RESULTS_DIR) -> dict:
         image = env.reset(0)
     finally:
         env.close()
+    frozen = results.get("autoencoder")
     for measured in results["models"]:
         row = rows[measured["name"]]
-        policy = make_policy(row, {row.source: Path(measured["checkpoint"])}, settings.seed)
+        policy = make_policy(row, {row.source: Path(measured["checkpoint"]),
+                                   "autoencoder": Path(frozen) if frozen else None}, settings.seed)
         measured["latency_ms"], measured["latency_ms_raw"] = chunk_latency_ms(
             policy, text, image, repeats=5 if results["episodes"] <= 2 else 20)
     results["environment"] = environment()
@@ -504,16 +556,21 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
         raise ValueError(f"unknown model rows {unknown}; expected names from {[row.name for row in MODELS]}")
     mw.check_task(settings.task)
     task_dir = out / settings.task
-    demos = make_demos(settings, task_dir / "demos")
-    checkpoints = {"teacher": train_teacher(settings, demos, task_dir / "teacher", progress=progress)}
+    pixel_demos = make_demos(settings, task_dir / "demos")
+    demos, frozen = make_latents(settings, pixel_demos, task_dir, progress=progress)
+    checkpoints = {"teacher": train_teacher(settings, demos, task_dir / "teacher", progress=progress),
+                   "autoencoder": frozen}
     path = results_dir / f"metaworld-{settings.task}.json"
     settings_dict = _jsonable(dataclasses.asdict(settings))
-    demo_data = LatentDataset(demos)
+    demo_data = LatentDataset(pixel_demos)
     results = {"task": settings.task, "episodes": settings.episodes, "models": [], "settings": settings_dict,
                "environment": environment(),
                "command": f"python -m wam_fast.eval --task {settings.task} --out {out}",
                "demos": demo_data.metadata.get("metaworld", {}) | {"samples": len(demo_data)},
                "training": {"teacher": _last_metrics(task_dir / "teacher" / "metrics.jsonl")}}
+    if frozen is not None:
+        results["autoencoder"] = str(frozen)
+        results["training"]["autoencoder"] = _last_metrics(task_dir / "autoencoder" / "metrics.jsonl")
     if settings.teacher_pretrain_steps > 0:
         results["training"]["teacher_pretrain"] = _last_metrics(task_dir / "teacher" / "pretrain" / "metrics.jsonl")
     if path.is_file():  # resume: keep rows measured with the same settings, and how they were timed
