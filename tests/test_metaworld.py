@@ -331,6 +331,27 @@ def test_smoke_students_come_from_the_distill_cli(smoke_run):
 
 
 @needs_metaworld
+def test_a_student_is_distilled_again_when_its_command_or_teacher_changes(smoke_run, tmp_path, monkeypatch):
+    import shutil
+
+    work = smoke_run.root / "work" / "push-v3"
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    shutil.copytree(work / "teacher" / "final", teacher)
+    settings = fidelity.Settings.smoke("push-v3")
+    calls = []
+    monkeypatch.setattr(fidelity.subprocess, "run", lambda command, **kw: calls.append(command) or SimpleNamespace(returncode=0))
+    fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
+    fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
+    assert len(calls) == 1  # the same command and teacher: reused
+    fidelity.distill_student(dataclasses.replace(settings, distill_steps=5), teacher, work / "latents", student, "shortcut")
+    assert len(calls) == 2 and calls[1][calls[1].index("--train-steps") + 1] == "5"  # the CLI resumes or refuses
+    shutil.copy(work / "student-shortcut" / "final" / "model.safetensors", teacher / "model.safetensors")
+    with pytest.raises(ValueError, match=r"student of another teacher \(the weights in .* changed"):
+        fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
+    assert len(calls) == 2
+
+
+@needs_metaworld
 def test_rows_build_the_policies_they_name(smoke_run):
     from wam_fast.quant import fp8_layers
 

@@ -11,7 +11,8 @@ Per task, each stage reuses what OUT/<task> already holds (a re-run resumes wher
 2. ``teacher/``: a small WAMTransformer (``model_config``: pixel patches or autoencoder latents, full
    mask, joint future frame + action chunk) trained with ``DiffusionObjective``; sampled with DDIM, 10 steps;
 3. ``student-shortcut/``, ``student-consistency/``: ``python -m wam_fast.distill`` of that teacher
-   (temporal mask, KV-cacheable, 1/2/4 steps), run as a subprocess with the command printed;
+   (temporal mask, KV-cacheable, 1/2/4 steps), run as a subprocess with the command printed (reused
+   only for the same command and teacher weights);
 4. closed-loop evaluation on the held-out layouts (MT1 seed 1) of every row of ``MODELS``: all
    episodes of a row run as one batch, each replans after ``execute`` actions of its chunk; success =
    Meta-World's ``info["success"]`` within ``horizon`` steps, with a 95% Wilson interval; latency =
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -178,6 +180,7 @@ def _mark_done(directory: Path, key: dict) -> None:
     from wam_fast.checkpoint import atomic_write
 
     text = json.dumps(_jsonable(key), indent=2, sort_keys=True)
+    directory.mkdir(parents=True, exist_ok=True)
     atomic_write(_stage_file(directory), lambda tmp: Path(tmp).write_text(text))
 
 
@@ -282,19 +285,45 @@ def distill_command(settings: Settings, teacher: Path, demos: Path, out: Path, m
     return command
 
 
+def _digest(directory: Path) -> str:
+    """sha256 of a checkpoint's content: each safetensors file's tensors by name (a re-saved checkpoint may
+    order them differently), every other file's bytes."""
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        if path.suffix == ".safetensors":
+            for name, tensor in sorted(load_file(str(path)).items()):
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def distill_student(settings: Settings, teacher: Path, demos: Path, out: Path, method: str) -> Path:
-    """Run ``python -m wam_fast.distill`` for one student (skipped when OUT/eval.json is complete)."""
+    """Run ``python -m wam_fast.distill`` for one student, unless ``out`` holds the one this command
+    distils from this teacher. Other settings on the same ``out``: the CLI resumes (longer training) or
+    refuses them; a teacher whose weights changed since is refused here (its old student would pass)."""
     command = distill_command(settings, teacher, demos, out, method)
-    if not (out / "eval.json").is_file():
-        logger.info("$ " + " ".join(command[1:] if command[0] == sys.executable else command))
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the --threads of this run, not all cores
-        done = subprocess.run(command, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"python -m wam_fast.distill ({method}) failed with exit code {done.returncode}; "
-                               f"its output is above; command: {' '.join(command)}")
+    key = {"stage": "student", "command": command[1:], "teacher_sha256": _digest(teacher)}
+    if _stage_done(out, key):
+        return out / "final"
+    marker = _stage_file(out)
+    if marker.is_file() and json.loads(marker.read_text()).get("teacher_sha256") != key["teacher_sha256"]:
+        raise ValueError(f"{out} holds a {method} student of another teacher (the weights in {teacher} changed "
+                         f"since it was distilled); remove {out} to distill it again")
+    logger.info("$ " + " ".join(command[1:] if command[0] == sys.executable else command))
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the --threads of this run, not all cores
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m wam_fast.distill ({method}) failed with exit code {done.returncode}; "
+                           f"its output is above; command: {' '.join(command)}")
+    _mark_done(out, key)
     return out / "final"
 
 
