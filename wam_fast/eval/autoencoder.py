@@ -25,7 +25,7 @@ import json
 import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
@@ -50,10 +50,6 @@ class AutoencoderConfig:
             raise ValueError(f"AutoencoderConfig.image_size must be a multiple of {DOWNSAMPLE}, got {self.image_size}")
         if self.width % 8:
             raise ValueError(f"AutoencoderConfig.width must be a multiple of 8 (GroupNorm groups), got {self.width}")
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // DOWNSAMPLE
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,8 +140,8 @@ class AutoencoderObjective:
                                                                       "loss_actions": action_mse.detach()}
 
 
-def _pixel_frames(dataset, rows: int = 1024):
-    """Every sample's current frame, in blocks of ``rows`` (float32)."""
+def _in_blocks(dataset, rows: int = 1024):
+    """Every sample of ``dataset``, in blocks of ``rows`` (dicts of the stored tensors)."""
     for start in range(0, len(dataset), rows):
         yield dataset.get(torch.arange(start, min(start + rows, len(dataset))))
 
@@ -167,7 +163,7 @@ def train_autoencoder(demos: Path, directory: Path, train_config, *, channels: i
     config = AutoencoderConfig(channels=channels, width=width, image_size=sample["image"].shape[-1],
                                action_len=sample["actions"].shape[1], action_dim=sample["actions"].shape[2])
     mean_frame = torch.zeros(3, config.image_size, config.image_size)
-    for block in _pixel_frames(dataset):
+    for block in _in_blocks(dataset):
         mean_frame += block["image"][:, 0].float().sum(0)
     mean_frame /= len(dataset)
     torch.manual_seed(train_config.seed)
@@ -176,7 +172,7 @@ def train_autoencoder(demos: Path, directory: Path, train_config, *, channels: i
                            directory)
     frozen = load_autoencoder(result.final, normalised=False)
     with torch.no_grad():
-        latents = torch.cat([frozen.raw_latents(block["image"][:, 0].float()) for block in _pixel_frames(dataset)])
+        latents = torch.cat([frozen.raw_latents(block["image"][:, 0].float()) for block in _in_blocks(dataset)])
     frozen.latent_mean.copy_(latents.mean((0, 2, 3), keepdim=True))
     frozen.latent_std.copy_(latents.std((0, 2, 3), keepdim=True).clamp_min(1e-6))
     out = directory / "frozen"
@@ -215,7 +211,7 @@ def encode_demos(autoencoder: FrameAutoencoder, demos: Path, directory: Path) ->
     writer = DatasetWriter(directory, overwrite=True)
     try:
         with torch.no_grad():
-            for block in _pixel_frames(dataset):
+            for block in _in_blocks(dataset):
                 for name in ("image", "future", "history"):
                     if name in block:
                         frames = block[name].float()
@@ -237,9 +233,6 @@ class EncodingPolicy:
 
     def __getattr__(self, name):
         return getattr(self.__dict__["policy"], name)
-
-    def reset(self, *args, **kwargs):
-        return self.policy.reset(*args, **kwargs)
 
     @torch.no_grad()
     def act(self, pixels: torch.Tensor, *args, **kwargs):
