@@ -480,8 +480,10 @@ def test_diagnose_command_reports_teacher_and_both_baselines(smoke_run, tmp_path
                               str(work / "teacher" / "final"), "--autoencoder", str(work / "autoencoder" / "frozen"),
                               "--conv-bc-steps", "2", "--wam-regression-steps", "2",
                               "--episodes", "1", "--layouts", "3", "--out", str(out)]) == 0
+        assert diagnose.main(["--task", "push-v3", "--checkpoint", str(work / "teacher" / "final")]) == 2
     finally:
         torch.set_num_threads(threads)
+    assert "autoencoder latents, not pixels: pass its autoencoder (--autoencoder" in capsys.readouterr().err
     report = json.loads(out.read_text())
     assert report["camera"] == fidelity.Settings.for_task("push-v3").camera and report["environment"]["torch"]
     assert report["command"].startswith("python -m wam_fast.eval.diagnose --task push-v3 --demos ")
@@ -493,8 +495,6 @@ def test_diagnose_command_reports_teacher_and_both_baselines(smoke_run, tmp_path
     regression = report["wam_regression"]
     assert regression["steps"] == 2 and regression["first_action"]["layouts"] == 3
     assert regression["mean_action_loss"] > 0 and np.isfinite(regression["final_loss"])
-    assert diagnose.main(["--task", "push-v3", "--checkpoint", str(work / "teacher" / "final")]) == 2
-    assert "autoencoder latents, not pixels: pass its autoencoder (--autoencoder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         diagnose.main(["--task", "push-v3"])  # nothing to measure
     assert "nothing to measure" in capsys.readouterr().err
