@@ -121,10 +121,23 @@ def test_task_settings_apply_to_the_full_and_the_smoke_run(monkeypatch):
     monkeypatch.setitem(fidelity.TASK_SETTINGS, "reach-v3", {"camera": "corner4", "patch_size": 8, "teacher_steps": 9})
     smoke = fidelity.Settings.smoke("reach-v3")  # the task's camera and model, at the CI's sizes
     assert (smoke.camera, smoke.patch_size) == ("corner4", 8)
-    assert (smoke.episodes, smoke.teacher_steps, smoke.noise_levels, smoke.distill_steps) == (2, 3, (0.0,), 2)
+    assert (smoke.episodes, smoke.teacher_steps, smoke.noise_levels) == (2, 3, (0.0,))
+    assert (smoke.shortcut_distill_steps, smoke.consistency_distill_steps) == (2, 2)
     assert smoke.teacher_pretrain_steps == 0  # a stage the task does not have stays off in its smoke run
     assert push.teacher_pretrain_steps > 0 and fidelity.Settings.smoke("push-v3").teacher_pretrain_steps == 2
     assert push.latent_space == "autoencoder" and fidelity.Settings.smoke("push-v3").autoencoder_steps == 2
+
+
+def test_each_method_distils_for_its_own_number_of_steps():
+    settings = dataclasses.replace(fidelity.Settings(task="push-v3"), shortcut_distill_steps=300,
+                                   consistency_distill_steps=150)
+    for method, steps, ema, every in (("shortcut", "300", "0.99", "200"), ("consistency", "150", "0.5", "150")):
+        command = fidelity.distill_command(settings, Path("t"), Path("d"), Path("o"), method)
+        value = {name: command[command.index(name) + 1] for name in ("--method", "--train-steps", "--ema-decay",
+                                                                        "--checkpoint-every")}
+        assert value == {"--method": method, "--train-steps": steps, "--ema-decay": ema, "--checkpoint-every": every}
+    with pytest.raises(ValueError, match=r"unknown distillation method 'progressive'; expected one of"):
+        settings.distill_steps("progressive")
 
 
 def test_model_config_follows_the_latent_space():
@@ -343,7 +356,7 @@ def test_a_student_is_distilled_again_when_its_command_or_teacher_changes(smoke_
     fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
     fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
     assert len(calls) == 1  # the same command and teacher: reused
-    fidelity.distill_student(dataclasses.replace(settings, distill_steps=5), teacher, work / "latents", student, "shortcut")
+    fidelity.distill_student(dataclasses.replace(settings, shortcut_distill_steps=5), teacher, work / "latents", student, "shortcut")
     assert len(calls) == 2 and calls[1][calls[1].index("--train-steps") + 1] == "5"  # the CLI resumes or refuses
     shutil.copy(work / "student-shortcut" / "final" / "model.safetensors", teacher / "model.safetensors")
     with pytest.raises(ValueError, match=r"student of another teacher \(the weights in .* changed"):
