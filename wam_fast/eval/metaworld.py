@@ -149,8 +149,15 @@ class MetaWorldEnv:
         """Start an episode on layout ``layout`` (0 .. num_layouts-1); returns the first image."""
         if not 0 <= layout < self.num_layouts:
             raise ValueError(f"layout must be in [0, {self.num_layouts}) for {self.task} ({self.split}), got {layout}")
+        import mujoco
+
         self.env.set_task(self.layouts[layout])
         self.obs, _ = self.env.reset()
+        # Meta-World's reset leaves some derived state the renderer reads as the last episode left it (a
+        # few pixels of the first frame differed after an episode), so a row's success depended on the rows
+        # evaluated before it on the same envs; recomputing it makes every episode start the same.
+        unwrapped = self.env.unwrapped
+        mujoco.mj_forward(unwrapped.model, unwrapped.data)
         self.steps = 0
         return self.render()
 
