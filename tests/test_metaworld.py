@@ -372,7 +372,8 @@ def test_a_student_is_distilled_again_when_its_command_or_teacher_changes(smoke_
     fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
     fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
     assert len(calls) == 1  # the same command and teacher: reused
-    fidelity.distill_student(dataclasses.replace(settings, shortcut_distill_steps=5), teacher, work / "latents", student, "shortcut")
+    longer = dataclasses.replace(settings, shortcut_distill_steps=5)
+    fidelity.distill_student(longer, teacher, work / "latents", student, "shortcut")
     assert len(calls) == 2 and calls[1][calls[1].index("--train-steps") + 1] == "5"  # the CLI resumes or refuses
     shutil.copy(work / "student-shortcut" / "final" / "model.safetensors", teacher / "model.safetensors")
     with pytest.raises(ValueError, match=r"student of another teacher \(the weights in .* changed"):
