@@ -153,11 +153,14 @@ class MetaWorldEnv:
 
         self.env.set_task(self.layouts[layout])
         self.obs, _ = self.env.reset()
-        # Meta-World's reset leaves some derived state the renderer reads as the last episode left it (a
-        # few pixels of the first frame differed after an episode), so a row's success depended on the rows
-        # evaluated before it on the same envs; recomputing it makes every episode start the same.
-        unwrapped = self.env.unwrapped
-        mujoco.mj_forward(unwrapped.model, unwrapped.data)
+        # Meta-World's reset leaves some derived positions the renderer reads as the last episode left them
+        # (2 pixels of the first frame differed after an episode), so a row's success depended on the rows
+        # evaluated before it on the same envs. Recompute only those: a full mj_forward would also change
+        # the next steps' physics in the last float bits, and the demonstrations with them.
+        model, data = self.env.unwrapped.model, self.env.unwrapped.data
+        mujoco.mj_kinematics(model, data)
+        mujoco.mj_comPos(model, data)
+        mujoco.mj_camlight(model, data)
         self.steps = 0
         return self.render()
 
