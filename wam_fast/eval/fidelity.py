@@ -102,7 +102,7 @@ class Settings:
     action_weight: float = 1.0  # teacher loss = video MSE + action_weight * action MSE
     teacher_random_shift: int = 0  # both teacher stages: frames moved by up to this many pixels (augmentation)
     # Consistency distillation needs more steps than shortcut for its 1-step student: at 600 steps push-v3's
-    # 1-step consistency student kept 80% of the teacher, at 1200 97% (README); shortcut kept 106% at 600.
+    # 1-step consistency student kept 80% of the teacher, at 1200 100% (README); shortcut kept 113% at 600.
     shortcut_distill_steps: int = 600
     consistency_distill_steps: int = 1200
     distill_batch: int = 64
