@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import op_bench  # benchmarks/op_bench.py (pytest puts benchmarks/ on sys.path)
-from wam_fast.models.functional import attention as reference
-from wam_fast.models.functional import temporal_mask
+from wam_fast.ops.reference import attention as reference
+from wam_fast.ops.reference import temporal_mask
 
 ops = importlib.import_module("wam_fast.ops.attention")  # wam_fast.ops.attention is the function
 

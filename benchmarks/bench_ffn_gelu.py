@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import op_bench  # benchmarks/op_bench.py (pytest puts benchmarks/ on sys.path)
-from wam_fast.models.functional import ffn_gelu as reference
+from wam_fast.ops.reference import ffn_gelu as reference
 
 ops = importlib.import_module("wam_fast.ops.ffn_gelu")
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import op_bench  # benchmarks/op_bench.py (pytest puts benchmarks/ on sys.path)
-from wam_fast.models import functional as WF
-from wam_fast.models.functional import fp8_linear as reference
+from wam_fast.ops import reference as WF
+from wam_fast.ops.reference import fp8_linear as reference
 
 ops = importlib.import_module("wam_fast.ops.fp8_linear")  # wam_fast.ops.fp8_linear is the function
 

@@ -14,7 +14,7 @@ import op_bench  # benchmarks/op_bench.py (pytest puts benchmarks/ on sys.path)
 import pytest
 import torch
 
-from wam_fast.models import functional as WF  # the tests' reference
+from wam_fast.ops import reference as WF  # the tests' reference
 
 op_module = importlib.import_module("wam_fast.ops.gated_residual_adaln")
 

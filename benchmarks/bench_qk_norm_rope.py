@@ -11,7 +11,7 @@ import op_bench  # benchmarks/op_bench.py (pytest puts benchmarks/ on sys.path)
 import pytest
 import torch
 
-from wam_fast.models.functional import qk_norm_rope as reference  # the tests' reference
+from wam_fast.ops.reference import qk_norm_rope as reference  # the tests' reference
 
 op_module = importlib.import_module("wam_fast.ops.qk_norm_rope")
 

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU (smal
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from wam_fast.env import environment
+    from wam_fast.utils.environment import environment
 
     machine_info["wam_fast"] = environment("cuda" if torch.cuda.is_available() else "cpu")
 

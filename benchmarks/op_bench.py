@@ -47,7 +47,7 @@ def implementation(name: str, op, reference, device: torch.device):
     if device.type != "cuda":
         pytest.skip(f"forced {name} is timed on a GPU only (on CPU, Triton runs interpreted)")
     if name == "cuda":
-        from wam_fast.ops._registry import cuda_extension_reason
+        from wam_fast.ops.registry import cuda_extension_reason
 
         if cuda_extension_reason() is not None:
             pytest.skip(f"cuda backend: {cuda_extension_reason()}")

@@ -6,7 +6,7 @@ never leave the chip. A token's modulation set comes from an int32 token -> set 
 (built once per layout by the caller). Optionally the fp32 modulated row is quantized in the kernel
 to FP8 e4m3 with a per-row scale (``functional.quantize_rowwise`` semantics).
 
-``_modulate_rows`` is the shared tail (statistics, affine, modulation, store / quantize); the
+``modulate_rows`` is the shared tail (statistics, affine, modulation, store / quantize); the
 ``gated_residual_adaln`` kernel calls it too.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _round_to_e4m3_grid(q):
 
 
 @triton.jit
-def _modulate_rows(v, pid_b, rows, cols, row_mask, col_mask, sets,
+def modulate_rows(v, pid_b, rows, cols, row_mask, col_mask, sets,
                    shift_ptr, scale_ptr, w_ptr, b_ptr, y_ptr, ys_ptr,
                    stride_sh_b, stride_sh_s, stride_sc_b, stride_sc_s,
                    N, D, eps,
@@ -100,7 +100,7 @@ def _adaln_modulate_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, sets_ptr, 
     x_off = pid_b.to(tl.int64) * stride_x_b + rows.to(tl.int64) * stride_x_n
     v = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sets = tl.load(sets_ptr + rows, mask=row_mask, other=0)
-    _modulate_rows(v, pid_b, rows, cols, row_mask, col_mask, sets,
+    modulate_rows(v, pid_b, rows, cols, row_mask, col_mask, sets,
                    shift_ptr, scale_ptr, w_ptr, b_ptr, y_ptr, ys_ptr,
                    stride_sh_b, stride_sh_s, stride_sc_b, stride_sc_s, N, D, eps,
                    HAS_WEIGHT, HAS_BIAS, FP8, EXACT_FP8_ROUNDING)

@@ -2,7 +2,7 @@
 
 One pass over each row: residual and x are read once, r is formed in fp32, rounded to residual's
 dtype and written, and the LayerNorm statistics are taken on that rounded r (what the unfused model
-normalizes), then the shared ``_modulate_rows`` tail writes the modulated row (or its FP8 codes and
+normalizes), then the shared ``modulate_rows`` tail writes the modulated row (or its FP8 codes and
 per-row scale). Same blocking as ``adaln_modulate``: ROWS token rows x the whole D per program.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adaln_modulate import _modulate_rows, alloc_outputs, launch_config
+from .adaln_modulate import modulate_rows, alloc_outputs, launch_config
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _gated_residual_adaln_kernel(res_ptr, x_ptr, gate_ptr, shift_ptr, scale_ptr,
     gate = tl.load(gate_ptr + g_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = (res + gate * xv).to(r_ptr.dtype.element_ty)
     tl.store(r_ptr + ((b64 * N + rows64) * D)[:, None] + cols[None, :], r, mask=mask)
-    _modulate_rows(r.to(tl.float32), pid_b, rows, cols, row_mask, col_mask, sets,
+    modulate_rows(r.to(tl.float32), pid_b, rows, cols, row_mask, col_mask, sets,
                    shift_ptr, scale_ptr, w_ptr, b_ptr, y_ptr, ys_ptr,
                    stride_sh_b, stride_sh_s, stride_sc_b, stride_sc_s, N, D, eps,
                    HAS_WEIGHT, HAS_BIAS, FP8, EXACT_FP8_ROUNDING)

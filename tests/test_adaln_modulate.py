@@ -11,9 +11,9 @@ import importlib
 import pytest
 import torch
 
-from wam_fast.models import functional as WF
+from wam_fast.ops import reference as WF
 from wam_fast.ops import use_backend
-from wam_fast.ops._registry import cuda_extension_reason, triton_reason
+from wam_fast.ops.registry import cuda_extension_reason, triton_reason
 
 mod = importlib.import_module("wam_fast.ops.adaln_modulate")
 adaln_modulate = mod.adaln_modulate

@@ -1,6 +1,6 @@
 """wam_fast.ops.attention: every backend that runs here vs the float32 SDPA reference.
 
-Reference: wam_fast.models.functional.attention (SDPA; for "temporal" with the explicit boolean mask of
+Reference: wam_fast.ops.reference.attention (SDPA; for "temporal" with the explicit boolean mask of
 functional.temporal_mask) on float32 copies. Triton runs in the interpreter without a GPU (conftest).
 """
 import importlib
@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from wam_fast.models import functional as WF
+from wam_fast.ops import reference as WF
 from wam_fast.ops import use_backend
 
 attention_module = importlib.import_module("wam_fast.ops.attention")  # wam_fast.ops.attention is the function

@@ -7,7 +7,7 @@ import torch
 
 import wam_fast
 from model_inputs import random_inputs
-from wam_fast import checkpoint
+from wam_fast.models import checkpoint
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,12 +2,11 @@
 models written here (a DiT block on nn.MultiheadAttention, an AdaLN of its own, a video-predictor +
 inverse-dynamics pipeline); the report; the per-lever accuracy check and revert; the WAMPolicy loop
 graph runner (on the CPU through graphs.EagerCapture, on a GPU through CUDA graphs); scoped
-torch.compile settings; optional packages. Tolerances: the table in wam_fast/compiler.py.
+torch.compile settings; optional packages. Tolerances: the table in wam_fast/compiler/__init__.py.
 
 Only one test runs a real inductor compile (test_inductor_compile_keeps_user_config, ~30 s on CPU);
 the rest use backend="eager" (the other levers, no torch.compile)."""
 import copy
-import importlib
 import math
 import subprocess
 import sys
@@ -18,16 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import wam_fast
-from wam_fast import compiler, graphs
-from wam_fast.compiler import CompileConfig, compile_report
+from wam_fast import compiler
+from wam_fast.compiler import CompileConfig, compile_report, graphs
 from wam_fast.models import fused
 from wam_fast.quant import FP8Linear, fp8_layers, sqnr_db
+from wam_fast.utils import optional
 from model_inputs import random_inputs
 
 EAGER = CompileConfig(backend="eager")
 REL = compiler.REL_TOLERANCE[torch.float32]
 GPU = torch.cuda.is_available()
-attention_module = importlib.import_module("wam_fast.ops.attention")
+attention_module = wam_fast.ops.op_module("attention")
 
 
 # Tests that run the fused ops' Triton kernels (interpreted on CPU, slow); every other test runs them
@@ -503,7 +503,7 @@ def test_runtime_fallbacks_are_reported():
 def test_lever_that_changes_outputs_is_reverted(monkeypatch):
     """Never breaks a model: a lever whose output leaves the tolerance is undone and reported."""
     model, reference, inputs = pipeline()
-    monkeypatch.setattr(compiler, "attention_fn", lambda backend: lambda q, k, v: v)  # a wrong kernel
+    monkeypatch.setattr(compiler.session, "attention_fn", lambda backend: lambda q, k, v: v)  # a wrong kernel
     wam_fast.compile(model, CompileConfig(backend="eager", fp8=True, min_fp8_sqnr_db=80.0), example_inputs=inputs)
     report = compile_report(model)
     assert type(model.video_predictor.blocks[0].attn) is nn.MultiheadAttention
@@ -575,7 +575,8 @@ def test_compile_mode_conflicts():
     ("xformers", "xformers", "pip install xformers"),
 ])
 def test_missing_attention_package_is_named(monkeypatch, attention, package, install):
-    monkeypatch.setattr(attention_module, "_find_spec", lambda module: None)
+    real = optional.installed
+    monkeypatch.setattr(optional, "installed", lambda module: module not in ("flash_attn", "xformers") and real(module))
     model = wam()
     with pytest.raises(RuntimeError, match=f"{package} is not installed .*{install}"):
         wam_fast.compile(model, CompileConfig(backend="eager", attention=attention))
@@ -586,7 +587,8 @@ def test_missing_attention_package_is_named(monkeypatch, attention, package, ins
 
 
 def test_missing_tensorrt_is_named(monkeypatch):
-    monkeypatch.setattr(compiler, "_installed", lambda module: False)
+    real = optional.installed
+    monkeypatch.setattr(optional, "installed", lambda module: module != "torch_tensorrt" and real(module))
     with pytest.raises(RuntimeError, match=r"needs torch-tensorrt, which is not installed: pip install torch-tensorrt"):
         wam_fast.compile(nn.Sequential(nn.Linear(16, 16)), CompileConfig(backend="tensorrt"))
     rows = {r["name"]: r for r in compiler.capabilities()}

@@ -1,7 +1,7 @@
 """wam_fast.compile on diffusers' CogVideoXTransformer3DModel (VideoVLA's backbone), tiny and random:
 our attention processor (RoPE from image_rotary_emb really used), fused AdaLN blocks / LayerNormZero /
 GELU by module swap, FP8 block linears, per-call fallback, the report; and the state_dict converter
-(wam_fast.compiler.from_cogvideox) with its round trip. Tolerances: the table in wam_fast/compiler.py."""
+(wam_fast.compiler.from_cogvideox) with its round trip. Tolerances: the table in wam_fast/compiler/__init__.py."""
 import copy
 import subprocess
 import sys
@@ -69,7 +69,7 @@ def run(model, x):
 
 
 def test_cogvideox_compiled_matches_eager_and_uses_rope():
-    from wam_fast.models import diffusers_compat as dc
+    from wam_fast.compiler import cogvideox as dc
 
     reference = cogvideox()
     model = copy.deepcopy(reference)
@@ -96,7 +96,7 @@ def test_cogvideox_compiled_matches_eager_and_uses_rope():
 def test_processor_that_drops_rope_is_caught(monkeypatch):
     """The check the test above relies on: diffusers' Attention drops keyword arguments a processor does
     not name, so a processor taking **kwargs silently loses image_rotary_emb, and the output moves."""
-    from wam_fast.models.diffusers_compat import CogVideoXAttnProcessor
+    from wam_fast.compiler.cogvideox import CogVideoXAttnProcessor
 
     class Careless(CogVideoXAttnProcessor):
         def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, **kwargs):
@@ -109,9 +109,9 @@ def test_processor_that_drops_rope_is_caught(monkeypatch):
     assert rel_err(run(model, inputs()), run(reference, inputs())) > 100 * REL
     # and with it, compile reverts the lever instead of breaking the model
     model = copy.deepcopy(reference)
-    from wam_fast.models import diffusers_compat
+    from wam_fast.compiler import cogvideox as cogvideox_handler
 
-    monkeypatch.setattr(diffusers_compat, "CogVideoXAttnProcessor", Careless)
+    monkeypatch.setattr(cogvideox_handler, "CogVideoXAttnProcessor", Careless)
     wam_fast.compile(model, CompileConfig(backend="eager"), example_inputs=inputs())
     assert "reverted" in compile_report(model).skipped_at("attention")[0]
     assert rel_err(run(model, inputs()), run(reference, inputs())) <= REL
@@ -137,7 +137,7 @@ def test_cogvideox_fp8():
 def test_processor_falls_back_per_call_to_the_original():
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-    from wam_fast.models.diffusers_compat import CogVideoXAttnProcessor
+    from wam_fast.compiler.cogvideox import CogVideoXAttnProcessor
 
     attn = cogvideox().transformer_blocks[0].attn1
     h, e = torch.randn(2, 12, 64), torch.randn(2, TEXT_LEN, 64)
@@ -157,7 +157,7 @@ def test_processor_falls_back_per_call_to_the_original():
 def test_block_subclass_keeps_its_forward_and_gets_fused_norms():
     from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
-    from wam_fast.models import diffusers_compat as dc
+    from wam_fast.compiler import cogvideox as dc
 
     class MyBlock(CogVideoXBlock):
         pass  # a user's block: its forward is its own, so only its LayerNormZeros are swapped
@@ -205,5 +205,5 @@ def test_diffusers_is_imported_only_for_diffusers_models():
     code = ("import sys, torch, wam_fast\n"
             "wam_fast.compile(torch.nn.Sequential(torch.nn.Linear(16, 16)), wam_fast.CompileConfig(backend='eager'))\n"
             "assert 'diffusers' not in sys.modules\n"
-            "assert 'wam_fast.models.diffusers_compat' not in sys.modules\n")
+            "assert 'wam_fast.compiler.cogvideox' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

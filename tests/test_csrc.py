@@ -6,7 +6,7 @@ Four layers, so most of it runs on a machine without a GPU:
 - host emulation: g++ builds the kernels of csrc/*.cu unchanged (WAM_HOST_EMULATION: one std::thread
   per CUDA thread, barriers for __syncthreads and shuffles; csrc/host_emulation.h) into a shared
   library that ctypes calls on CPU tensors. That runs the real indexing, vectorised / scalar / long-row
-  paths, reductions, segment lookup, RoPE and FP8 rounding against wam_fast.models.functional in
+  paths, reductions, segment lookup, RoPE and FP8 rounding against wam_fast.ops.reference in
   float32, with NaN guards around every input and sentinel guards around every output (an
   out-of-bounds read poisons the result, an out-of-bounds write changes a guard), checks the alignment
   of every wide access, and the C entry points' argument validation. Skipped (with the reason)
@@ -33,7 +33,7 @@ import subprocess
 import pytest
 import torch
 
-from wam_fast.models import functional as F
+from wam_fast.ops import reference as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"

@@ -1,13 +1,13 @@
 """wam_fast.ops.ffn_gelu (gelu_tanh(x @ W^T + b), the FFN's first GEMM with a fused epilogue) against the
-float32 reference wam_fast.models.functional.ffn_gelu, on every backend that runs here (Triton in the
+float32 reference wam_fast.ops.reference.ffn_gelu, on every backend that runs here (Triton in the
 interpreter on CPU). The W1 shapes (M=1256/774, K=3072, Nout=12288) run on a GPU only."""
 import importlib
 
 import pytest
 import torch
 
-from wam_fast.models import functional as WF
-from wam_fast.ops._registry import triton_reason, use_backend
+from wam_fast.ops import reference as WF
+from wam_fast.ops.registry import triton_reason, use_backend
 
 ops = importlib.import_module("wam_fast.ops.ffn_gelu")
 ffn_gelu = ops.ffn_gelu

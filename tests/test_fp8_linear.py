@@ -1,5 +1,5 @@
 """wam_fast.ops.fp8_linear ((x_fp8 @ W_fp8^T) * x_scale * w_scale + bias from e4m3 operands) against the
-float32 reference wam_fast.models.functional.fp8_linear, on every backend that runs here: Triton in the
+float32 reference wam_fast.ops.reference.fp8_linear, on every backend that runs here: Triton in the
 interpreter and torch._scaled_mm on CPU (plus its padded and unit-scale GPU branches, run on CPU).
 The W1 shapes (M=1256/774, K=3072, Nout up to 12288) run on a GPU only."""
 import importlib
@@ -7,8 +7,8 @@ import importlib
 import pytest
 import torch
 
-from wam_fast.models import functional as WF
-from wam_fast.ops._registry import fallbacks, triton_reason, use_backend
+from wam_fast.ops import reference as WF
+from wam_fast.ops.registry import fallbacks, triton_reason, use_backend
 
 ops = importlib.import_module("wam_fast.ops.fp8_linear")
 fp8_linear = ops.fp8_linear

@@ -10,7 +10,7 @@ import wam_fast
 from wam_fast import configs
 from wam_fast.models import fused
 from wam_fast.ops import use_backend
-from wam_fast.ops._registry import triton_reason
+from wam_fast.ops.registry import triton_reason
 from model_inputs import random_inputs
 
 needs_triton = pytest.mark.skipif(triton_reason() is not None, reason=str(triton_reason()))

@@ -9,9 +9,9 @@ import importlib
 import pytest
 import torch
 
-from wam_fast.models import functional as WF
+from wam_fast.ops import reference as WF
 from wam_fast.ops import use_backend
-from wam_fast.ops._registry import triton_reason
+from wam_fast.ops.registry import triton_reason
 from test_adaln_modulate import BACKENDS, CASES, DEVICE, DTYPES, FLOOR, W1, check_fp8, f32, make_inputs, max_err
 
 mod = importlib.import_module("wam_fast.ops.gated_residual_adaln")

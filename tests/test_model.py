@@ -6,7 +6,7 @@ import torch
 
 import wam_fast
 from model_inputs import random_inputs
-from wam_fast.models import functional as WF
+from wam_fast.ops import reference as WF
 from wam_fast.models.layout import build_layout
 from wam_fast.models.transformer import AdaLNModulate, Attention, FeedForward, GatedResidualAdaLN, WAMBlock
 

@@ -114,7 +114,7 @@ def test_bad_layouts(model, temporal_model):
 
 
 def test_attention_reference_refuses_unknown_masks_and_missing_segments():
-    from wam_fast.models import functional as WF
+    from wam_fast.ops import reference as WF
 
     q = torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="mask must be 'full' or 'temporal', got 'causal'"):

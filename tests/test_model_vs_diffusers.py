@@ -80,7 +80,7 @@ def test_backbone_matches_diffusers_cogvideox(models):
 
 
 def test_rope_tables_match_diffusers():
-    from wam_fast.models import functional as WF
+    from wam_fast.ops import reference as WF
 
     cos, sin = WF.rope_cos_sin(range(FRAMES), SIZE // 2, SIZE // 2, (4, 6, 6))
     ref_cos, ref_sin = cogvideox_rope(FRAMES, SIZE // 2)

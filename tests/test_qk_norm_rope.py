@@ -1,5 +1,5 @@
 """wam_fast.ops.qk_norm_rope (LayerNorm over head_dim on q, k + interleaved RoPE on a token slice):
-every backend that runs here vs the float32 reference (wam_fast.models.functional.qk_norm_rope on
+every backend that runs here vs the float32 reference (wam_fast.ops.reference.qk_norm_rope on
 .float() copies), on the model's strided qkv views; the RoPE slice is exact (tokens outside it are
 only normalised); opcheck; bad inputs. Triton runs interpreted on CPU (tests/conftest.py)."""
 import importlib
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wam_fast.models import functional
-from wam_fast.ops._registry import cuda_extension_reason, triton_reason, use_backend
+from wam_fast.ops import reference as functional
+from wam_fast.ops.registry import cuda_extension_reason, triton_reason, use_backend
 
 op_module = importlib.import_module("wam_fast.ops.qk_norm_rope")
 qk_norm_rope = op_module.qk_norm_rope

@@ -13,11 +13,11 @@ import torch.nn as nn
 
 import wam_fast
 from wam_fast import configs, quant
-from wam_fast.models import functional as WF
+from wam_fast.ops import reference as WF
 from wam_fast.models import fused
 from wam_fast.models.transformer import FeedForward, GatedResidualAdaLN
 from wam_fast.ops import use_backend
-from wam_fast.ops._registry import triton_reason
+from wam_fast.ops.registry import triton_reason
 from model_inputs import random_inputs
 
 needs_triton = pytest.mark.skipif(triton_reason() is not None, reason=str(triton_reason()))
@@ -76,7 +76,7 @@ def test_filter_fn_and_handler_registry():
     assert type(model.blocks[0].ff) is FeedForward
     with torch.no_grad(), use_backend("torch"):
         assert all(torch.isfinite(t).all() for t in model(**random_inputs(model, batch=1)))
-    assert quant.HANDLERS[nn.Linear] is quant._quantize_linear
+    assert quant.HANDLERS[nn.Linear] is quant.quantize_linear
 
     class Scaled(nn.Module):  # a user type, handled once it is registered
         def __init__(self):

@@ -28,8 +28,8 @@ _LAZY = {
     "sample": ("wam_fast.sampling", "sample"),
     "ActionChunk": ("wam_fast.sampling", "ActionChunk"),
     "SAMPLERS": ("wam_fast.sampling", "SAMPLERS"),
-    "save_pretrained": ("wam_fast.checkpoint", "save_pretrained"),
-    "load_pretrained": ("wam_fast.checkpoint", "load_pretrained"),
+    "save_pretrained": ("wam_fast.models.transformer", "save_pretrained"),
+    "load_pretrained": ("wam_fast.models.transformer", "load_pretrained"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -30,7 +30,7 @@ import torch
 from wam_fast.configs import WAMConfig
 from wam_fast.models.layout import TEXT_SET, VIDEO_SET, SegmentLayout
 from wam_fast.models.transformer import ForwardContext, rope_tables, shift_keys
-from wam_fast.models.validation import _check_tensor, check_robot_id, check_step_size
+from wam_fast.models.validation import check_tensor, check_robot_id, check_step_size
 
 # Key segment ids for ``attention(mask="temporal")``: a query (id QUERY) sees keys with id <= QUERY.
 VISIBLE, QUERY, HIDDEN = 0, 1, 2
@@ -182,7 +182,7 @@ class TemporalKVCache:
         """Every layer's K/V of the instruction's text tokens (B, text_len, text_dim): once per instruction."""
         c = self.config
         self._require_setup("fill_text")
-        _check_tensor("text", text, (self.batch, c.text_len, c.text_dim), self.dtype, self.device)
+        check_tensor("text", text, (self.batch, c.text_len, c.text_dim), self.dtype, self.device)
         temb = self.model.time_embed(text.new_zeros((self.batch, 1), dtype=torch.float32))
         self._run("text", self.model.text_proj(text), temb)
         self.text_ready = True
@@ -196,7 +196,7 @@ class TemporalKVCache:
         if not self.text_ready:
             raise RuntimeError("TemporalKVCache.add_frame: no text in the cache: call fill_text(text) first "
                                "(once per instruction; reset() clears it)")
-        _check_tensor("image_latent", image_latent,
+        check_tensor("image_latent", image_latent,
                       (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
         slot = self.step % self.slots
         start, end = self.slot_span(slot)
@@ -234,14 +234,14 @@ class TemporalKVCache:
             raise RuntimeError("TemporalKVCache.denoise: the cache holds no "
                                + ("text: call fill_text(text)" if not self.text_ready else
                                   "frame: call add_frame(image_latent)") + " first")
-        _check_tensor("video", video, model.noisy_video_shape(self.batch), self.dtype, self.device)
-        _check_tensor("actions", actions, model.action_shape(self.batch), self.dtype, self.device)
+        check_tensor("video", video, model.noisy_video_shape(self.batch), self.dtype, self.device)
+        check_tensor("actions", actions, model.action_shape(self.batch), self.dtype, self.device)
         check_robot_id(c, robot_id, self.batch, self.device)
         step_size = check_step_size(c, step_size, self.batch, self.device)
         layout = self._contexts["noisy"].layout
         if isinstance(timestep, numbers.Real):
             timestep = torch.full((self.batch,), float(timestep), device=self.device)
-        _check_tensor("timestep", timestep, (self.batch,), None, self.device)
+        check_tensor("timestep", timestep, (self.batch,), None, self.device)
         # both segments (video, actions) are noisy; no host-to-device copy, so a CUDA graph can hold this
         temb = model.embed_time(timestep.float()[:, None].expand(-1, layout.num_segments), layout, step_size)
         h = torch.cat((model.embed_noisy_video(video), model.action_embed(actions, robot_id)), dim=1)

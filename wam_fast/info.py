@@ -7,49 +7,25 @@ to it. ``--json`` prints the same data for scripts.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 
-from wam_fast import env as _env
-
-# Optional packages: detected with find_spec (no import, so a broken install cannot crash info).
-OPTIONAL_PACKAGES = [
-    {"name": "diffusers", "module": "diffusers", "use": "load CogVideoX / VideoVLA weights",
-     "install": 'pip install "wam_fast[diffusers]"'},
-    {"name": "flash-attn", "module": "flash_attn", "use": "attention backend (CUDA)",
-     "install": 'pip install "wam_fast[flash]"'},
-    {"name": "xformers", "module": "xformers", "use": "attention backend (CUDA)",
-     "install": 'pip install "wam_fast[xformers]"'},
-    {"name": "torch-tensorrt", "module": "torch_tensorrt", "use": "TensorRT compile backend",
-     "install": 'pip install "wam_fast[tensorrt]"'},
-    {"name": "metaworld", "module": "metaworld", "use": "simulated success-rate evaluation",
-     "install": 'pip install "wam_fast[sim]"'},
-    {"name": "nvidia-ml-py", "module": "pynvml", "use": "GPU driver and clocks in benchmarks",
-     "install": "pip install nvidia-ml-py"},
-]
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
+from wam_fast import __version__, ops
+from wam_fast.compiler import capabilities
+from wam_fast.ops import registry
+from wam_fast.utils import environment, optional
 
 def versions_section():
     import torch
 
-    import wam_fast
-
     rows = [
-        {"name": "wam_fast", "status": wam_fast.__version__, "detail": ""},
+        {"name": "wam_fast", "status": __version__, "detail": ""},
         {"name": "python", "status": sys.version.split()[0], "detail": sys.executable},
         {"name": "torch", "status": torch.__version__,
          "detail": f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"},
-        {"name": "triton", "status": _env.package_version("triton") or "missing", "detail": ""},
-        {"name": "commit", "status": _env.git_commit() or "unknown", "detail": ""},
+        {"name": "triton", "status": environment.package_version("triton") or "missing", "detail": ""},
+        {"name": "commit", "status": environment.git_commit() or "unknown", "detail": ""},
     ]
     return "versions", rows
 
@@ -59,7 +35,7 @@ def device_section():
 
     if not torch.cuda.is_available():
         why = "CPU build of torch" if not torch.version.cuda else "no CUDA device visible"
-        rows = [{"name": "device", "status": "no GPU", "detail": f"{why}; cpu: {_env.cpu_name()}, "
+        rows = [{"name": "device", "status": "no GPU", "detail": f"{why}; cpu: {environment.cpu_name()}, "
                  f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"}]
         return "device", rows
     rows = []
@@ -75,7 +51,7 @@ def extension_section():
     import torch
 
     row = {"name": "wam_fast._C", "status": "", "detail": ""}
-    if not _installed("wam_fast._C"):
+    if not optional.installed("wam_fast._C"):
         row["status"] = "not built"
         if not torch.version.cuda:
             row["detail"] = f"torch {torch.__version__} is a CPU build (no CUDA torch to build against)"
@@ -83,20 +59,15 @@ def extension_section():
             row["detail"] = ("build it on this machine: pip install --no-build-isolation -e . "
                              "(needs nvcc; see setup.py cuda_build_reason)")
         return "CUDA extension", [row]
-    try:
-        import wam_fast._C  # noqa: F401
-    except Exception as exc:  # a stale or mismatched build: say what failed
-        row["status"] = "broken"
-        row["detail"] = f"{type(exc).__name__}: {exc}"
-    else:
-        row["status"] = "built"
+    why = registry.cuda_extension_reason()
+    row["status"], row["detail"] = ("built", "") if why is None else ("broken", why)
     return "CUDA extension", [row]
 
 
 def triton_section():
     import torch
 
-    version = _env.package_version("triton")
+    version = environment.package_version("triton")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     row = {"name": "triton", "status": version or "missing", "detail": ""}
     if version is None:
@@ -112,27 +83,23 @@ def triton_section():
 
 def optional_section():
     rows = []
-    for pkg in OPTIONAL_PACKAGES:
-        ok = _installed(pkg["module"])
-        rows.append({"name": pkg["name"], "status": "available" if ok else "missing",
+    for name, pkg in optional.OPTIONAL_PACKAGES.items():
+        ok = optional.installed(pkg["module"])
+        rows.append({"name": name, "status": "available" if ok else "missing",
                      "detail": pkg["use"] if ok else f"{pkg['use']}: {pkg['install']}"})
     return "optional packages", rows
 
 
 def ops_section():
     """Each fused op's backends in priority order: available here, or why not."""
-    import wam_fast.ops
-
     rows = [{"name": f"{r['op']} / {r['backend']}", "status": r["status"], "detail": r["detail"]}
-            for r in wam_fast.ops.backend_table()]
+            for r in ops.backend_table()]
     return "ops (backends in priority order: cuda, triton, torch)", rows
 
 
 def fallbacks_section():
     """Fallbacks taken in this process (when report() is called from a program that ran ops)."""
-    import wam_fast.ops
-
-    taken = wam_fast.ops.fallbacks()
+    taken = ops.fallbacks()
     if not taken:
         return "fallbacks taken in this process", [{"name": "none", "status": "", "detail": ""}]
     return "fallbacks taken in this process", [
@@ -142,8 +109,6 @@ def fallbacks_section():
 
 def compile_section():
     """wam_fast.compile's backends and optional attention kernels: usable here, or why not (install lines)."""
-    from wam_fast.compiler import capabilities
-
     return "compile (wam_fast.compile backends and attention kernels)", capabilities()
 
 

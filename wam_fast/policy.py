@@ -21,8 +21,8 @@ import torch
 
 from wam_fast.cache import TemporalKVCache, not_cacheable_message
 from wam_fast.configs import WAMConfig
-from wam_fast.models.validation import _check_tensor, check_robot_id
-from wam_fast.sampling import (ActionChunk, _check_options, _check_text, _uses_guidance, resolve_options,
+from wam_fast.models.validation import check_robot_id, check_tensor
+from wam_fast.sampling import (ActionChunk, check_options, check_text, uses_guidance, resolve_options,
                                run_sampler)
 
 
@@ -50,7 +50,7 @@ class WAMPolicy:
         if not isinstance(config, WAMConfig) or not callable(model):
             raise TypeError(f"WAMPolicy expects a WAMTransformer, got {type(model).__name__}")
         sampler, steps, cfg_scale = resolve_options(config, sampler, steps, cfg_scale)
-        _check_options(config, sampler, steps, cfg_scale, cfg_schedule, 0 if seed is None else seed)
+        check_options(config, sampler, steps, cfg_scale, cfg_schedule, 0 if seed is None else seed)
         if history is None:
             history = config.history_frames
         if isinstance(history, bool) or not isinstance(history, numbers.Integral) or \
@@ -64,7 +64,7 @@ class WAMPolicy:
         self.dtype, self.device = param.dtype, param.device
         self.steps, self.sampler, self.history = int(steps), sampler, int(history)
         self.cfg_scale, self.cfg_schedule = float(cfg_scale), cfg_schedule
-        self.guided = _uses_guidance(self.cfg_scale, cfg_schedule)
+        self.guided = uses_guidance(self.cfg_scale, cfg_schedule)
         self.generator = torch.Generator("cpu")
         self._seed(seed)
         self.cache = TemporalKVCache(model) if cache else None
@@ -86,7 +86,7 @@ class WAMPolicy:
               seed: Optional[int] = None) -> None:
         """Start an episode with instruction ``text`` (B, text_len, text_dim): forget past frames;
         with the cache, compute the text's K/V (once). ``seed`` restarts the noise stream."""
-        _check_text("text", text, (), self.config, self.dtype, self.device)
+        check_text("text", text, (), self.config, self.dtype, self.device)
         if seed is not None:
             self._seed(seed)
         self.batch = text.shape[0]
@@ -94,7 +94,7 @@ class WAMPolicy:
             if uncond_text is None:
                 uncond_text = torch.zeros_like(text)
             else:
-                _check_text("uncond_text", uncond_text, (self.batch, 1), self.config, self.dtype, self.device)
+                check_text("uncond_text", uncond_text, (self.batch, 1), self.config, self.dtype, self.device)
             text = torch.cat((text, uncond_text.expand_as(text)))
         elif uncond_text is not None:
             raise ValueError("uncond_text given but guidance is off (cfg_scale 1 with a constant schedule)")
@@ -131,13 +131,13 @@ class WAMPolicy:
         self.end_step(image_latent)
         return chunk
 
-    # The two halves of act() around the sampling loop, shared with the CUDA-graph runner (wam_fast.graphs).
+    # The two halves of act() around the sampling loop, shared with the CUDA-graph runner (wam_fast.compiler.graphs).
     def observation_rows(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]):
         """Check one observation; return (rows, image, robot) repeated for the guidance rows."""
         if self.text is None:
             raise RuntimeError("WAMPolicy.act: call reset(text) first (once per episode / instruction)")
         c = self.config
-        _check_tensor("image_latent", image_latent,
+        check_tensor("image_latent", image_latent,
                       (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
         check_robot_id(c, robot_id, self.batch, self.device)
         rows = 2 if self.guided else 1

@@ -259,7 +259,7 @@ def guidance_scale(cfg_scale: float, cfg_schedule: str, timestep: float, num_tra
     return 1.0 + cfg_scale * (1.0 - math.cos(math.pi * p ** 5)) / 2.0
 
 
-def _uses_guidance(cfg_scale: float, cfg_schedule: str) -> bool:
+def uses_guidance(cfg_scale: float, cfg_schedule: str) -> bool:
     # Dynamic guidance is 1 everywhere only when cfg_scale is 0.
     return cfg_scale != 1.0 if cfg_schedule == "constant" else cfg_scale != 0.0
 
@@ -274,7 +274,7 @@ def _check_batched(name: str, x, batch: int) -> None:
         raise ValueError(f"{name} must have batch size {batch} (text's), got shape {tuple(x.shape)}")
 
 
-def _check_text(name: str, text, batches: Tuple[int, ...], config, dtype, device) -> None:
+def check_text(name: str, text, batches: Tuple[int, ...], config, dtype, device) -> None:
     if not isinstance(text, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (B, {config.text_len}, {config.text_dim}), "
                         f"got {type(text).__name__}")
@@ -289,7 +289,7 @@ def _check_text(name: str, text, batches: Tuple[int, ...], config, dtype, device
         raise ValueError(f"{name} is on {text.device} but the model is on {device}")
 
 
-def _check_options(config, sampler, steps, cfg_scale, cfg_schedule, seed) -> None:
+def check_options(config, sampler, steps, cfg_scale, cfg_schedule, seed) -> None:
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known samplers: {sorted(SAMPLERS)}")
     if config.objective not in SAMPLERS[sampler].objectives:
@@ -316,7 +316,7 @@ def _check_student_options(config, sampler, steps, cfg_scale, cfg_schedule) -> N
     kind = config.distillation
     if not kind:
         return
-    if _uses_guidance(cfg_scale, cfg_schedule):
+    if uses_guidance(cfg_scale, cfg_schedule):
         raise ValueError(f"guidance scale {config.distilled_cfg_scale:g} is baked in: this {kind} student "
                          f"(config.distilled_cfg_scale) samples without classifier-free guidance, cfg_scale=1 "
                          f"(or None); got cfg_scale={cfg_scale!r} with the {cfg_schedule!r} schedule")
@@ -377,19 +377,19 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
         raise ValueError("model has no parameters, so its dtype and device are unknown")
     dtype, device = param.dtype, param.device
     sampler, steps, cfg_scale = resolve_options(config, sampler, steps, cfg_scale)
-    _check_options(config, sampler, steps, cfg_scale, cfg_schedule, seed)
+    check_options(config, sampler, steps, cfg_scale, cfg_schedule, seed)
     steps, cfg_scale, seed = int(steps), float(cfg_scale), int(seed)
-    _check_text("text", text, (), config, dtype, device)
+    check_text("text", text, (), config, dtype, device)
     batch = text.shape[0]
     for name, x in (("image", image), ("history", history), ("robot_id", robot_id)):
         _check_batched(name, x, batch)
 
-    guided = _uses_guidance(cfg_scale, cfg_schedule)
+    guided = uses_guidance(cfg_scale, cfg_schedule)
     if guided:
         if uncond_text is None:
             uncond_text = torch.zeros_like(text)
         else:
-            _check_text("uncond_text", uncond_text, (batch, 1), config, dtype, device)
+            check_text("uncond_text", uncond_text, (batch, 1), config, dtype, device)
             uncond_text = uncond_text.expand_as(text)
         text = torch.cat((text, uncond_text))
         image, history, robot_id = (None if x is None else torch.cat((x, x)) for x in (image, history, robot_id))
@@ -406,7 +406,7 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
     return chunk if return_video else dataclasses.replace(chunk, video=None)
 
 
-def _initial_noise(noise, video_shape, action_shape, generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def initial_noise(noise, video_shape, action_shape, generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """``noise`` checked, or (video, actions) drawn from ``generator`` (video first)."""
     if noise is None:
         return torch.randn(video_shape, generator=generator), torch.randn(action_shape, generator=generator)
@@ -437,11 +437,11 @@ def run_sampler(forward, config, batch: int, device, dtype, *, sampler: str, ste
     generator is then not used for it), else from ``generator`` (a CPU generator), which also
     gives any sampler noise. Returns the chunk with its video latents.
     """
-    guided = _uses_guidance(cfg_scale, cfg_schedule)
+    guided = uses_guidance(cfg_scale, cfg_schedule)
     video_shape = (batch, config.noisy_frames, config.latent_channels, config.latent_height, config.latent_width)
     action_shape = (batch, config.action_len, config.action_dim)
     video_size = math.prod(video_shape[1:])
-    video_noise, action_noise = _initial_noise(noise, video_shape, action_shape, generator)
+    video_noise, action_noise = initial_noise(noise, video_shape, action_shape, generator)
     x = torch.cat((video_noise.flatten(1).to(device), action_noise.flatten(1).to(device)), dim=1)
 
     solver = SAMPLERS[sampler](schedule_for(config), steps, generator)

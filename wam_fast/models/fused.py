@@ -12,20 +12,16 @@ from typing import Callable, List, Optional
 
 import torch.nn as nn
 
+from wam_fast import ops
 from wam_fast.models.transformer import AdaLNModulate, Attention, FeedForward, ForwardContext, GatedResidualAdaLN
-
-
-def _ops():
-    import wam_fast.ops as ops  # imported on first use: `import wam_fast.models` stays light
-
-    return ops
+from wam_fast.utils.modules import retype_by_table
 
 
 class FusedAdaLNModulate(AdaLNModulate):
     """adaln_modulate op: LayerNorm + per-segment (1 + scale), shift in one pass."""
 
     def forward(self, x, shift, scale, ctx: ForwardContext):
-        return _ops().adaln_modulate(x, shift, scale, ctx.segments, ctx.mod_index,
+        return ops.adaln_modulate(x, shift, scale, ctx.segments, ctx.mod_index,
                                      self.norm.weight, self.norm.bias, self.norm.eps)
 
 
@@ -33,7 +29,7 @@ class FusedGatedResidualAdaLN(GatedResidualAdaLN):
     """gated_residual_adaln op: residual + gate * x, then the next AdaLN, in one pass."""
 
     def forward(self, residual, x, gate, shift, scale, ctx: ForwardContext):
-        return _ops().gated_residual_adaln(residual, x, gate, shift, scale, ctx.segments, ctx.mod_index,
+        return ops.gated_residual_adaln(residual, x, gate, shift, scale, ctx.segments, ctx.mod_index,
                                            self.norm.weight, self.norm.bias, self.norm.eps)
 
 
@@ -41,7 +37,6 @@ class FusedAttention(Attention):
     """QKV GEMM -> qk_norm_rope op on strided views of it -> attention op (as ctx.attend runs it) -> out GEMM."""
 
     def forward(self, x, ctx: ForwardContext):
-        ops = _ops()
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = ops.qk_norm_rope(q, k, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight,
@@ -55,7 +50,7 @@ class FusedFeedForward(FeedForward):
     """ffn_gelu op (first GEMM + bias + GELU-tanh epilogue) -> second GEMM."""
 
     def forward(self, x):
-        return self.proj_out(_ops().ffn_gelu(x, self.proj_in.weight, self.proj_in.bias))
+        return self.proj_out(ops.ffn_gelu(x, self.proj_in.weight, self.proj_in.bias))
 
 
 # reference class -> fused twin (exact types: a user's subclass is left alone, it may differ)
@@ -64,39 +59,15 @@ FUSED = {AdaLNModulate: FusedAdaLNModulate, GatedResidualAdaLN: FusedGatedResidu
 UNFUSED = {fused: reference for reference, fused in FUSED.items()}
 
 
-def _retype(module: nn.Module, cls: type) -> nn.Module:
-    """A new module of class ``cls`` holding the same parameters, buffers, submodules and settings."""
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    for key in ("_parameters", "_buffers", "_modules"):
-        new.__dict__[key] = dict(module.__dict__[key])  # same tensors, own containers
-    return new
-
-
-def _swap(model: nn.Module, table: dict, filter_fn: Optional[Callable[[nn.Module, str], bool]]) -> List[dict]:
-    swapped = []
-    for name, module in list(model.named_modules()):
-        cls = table.get(type(module))
-        if cls is None or (filter_fn is not None and not filter_fn(module, name)):
-            continue
-        if not name:
-            raise ValueError(f"fuse/unfuse swaps submodules; got a bare {type(module).__name__}: wrap it in a model")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _retype(module, cls))
-        swapped.append({"name": name, "from": type(module).__name__, "to": cls.__name__})
-    return swapped
-
-
 def fuse(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[dict]:
     """Swap every reference piece of ``model`` for its fused twin, in place.
 
     filter_fn(module, name) -> bool picks which ones (default: all). Returns what was swapped:
     [{"name", "from", "to"}].
     """
-    return _swap(model, FUSED, filter_fn)
+    return retype_by_table(model, FUSED, filter_fn, "fuse")
 
 
 def unfuse(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> List[dict]:
     """Swap fused twins back to the reference pieces, in place (same parameters)."""
-    return _swap(model, UNFUSED, filter_fn)
+    return retype_by_table(model, UNFUSED, filter_fn, "unfuse")

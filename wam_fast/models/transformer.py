@@ -6,6 +6,7 @@ Built from named pieces (``AdaLNModulate``, ``Attention``, ``GatedResidualAdaLN`
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -13,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wam_fast.configs import WAMConfig
-from wam_fast.models import functional as WF
+from wam_fast.models import checkpoint
 from wam_fast.models.layout import SegmentLayout, build_layout
+from wam_fast.ops import reference as WF
 
 
 class ForwardContext:
@@ -394,12 +396,20 @@ class WAMTransformer(nn.Module):
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
-        from wam_fast.checkpoint import save_pretrained
-
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype=None) -> "WAMTransformer":
-        from wam_fast.checkpoint import load_pretrained
-
         return load_pretrained(directory, device=device, dtype=dtype)
+
+
+def save_pretrained(model: WAMTransformer, directory) -> Path:
+    """Write ``model`` to ``directory`` (model.safetensors + config.json, atomically); returns the directory."""
+    if not isinstance(model, WAMTransformer):
+        raise TypeError(f"save_pretrained expects a WAMTransformer, got {type(model).__name__}")
+    return checkpoint.write_checkpoint(model, directory)
+
+
+def load_pretrained(directory, device=None, dtype=None) -> WAMTransformer:
+    """Load a WAMTransformer saved by ``save_pretrained`` (on ``device``, cast to ``dtype`` if given)."""
+    return checkpoint.read_checkpoint(directory, WAMTransformer, device=device, dtype=dtype)

@@ -7,6 +7,7 @@ import numbers
 import torch
 
 from wam_fast.models.layout import SegmentLayout
+from wam_fast.utils.checks import require_tensor, shape_matches, shape_text
 
 
 def _describe(t) -> str:
@@ -15,13 +16,11 @@ def _describe(t) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def _check_tensor(name: str, t, expected_shape, dtype, device) -> None:
-    """expected_shape: a tuple of ints, None meaning any size on that axis."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    shape_text = "(" + ", ".join("*" if s is None else str(s) for s in expected_shape) + ")"
-    if t.dim() != len(expected_shape) or any(e is not None and e != s for e, s in zip(expected_shape, t.shape)):
-        raise ValueError(f"{name} must have shape {shape_text}, got {tuple(t.shape)}")
+def check_tensor(name: str, t, expected_shape, dtype, device) -> None:
+    """expected_shape: a tuple of ints, None meaning any size on that axis; dtype None: any."""
+    require_tensor(name, t)
+    if not shape_matches(t, expected_shape):
+        raise ValueError(f"{name} must have shape {shape_text(expected_shape)}, got {tuple(t.shape)}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name} must have the model's dtype {dtype}, got {t.dtype} "
                         f"(convert the input or the model with .to(dtype))")
@@ -34,7 +33,7 @@ def check_robot_id(config, robot_id, batch: int, device) -> None:
     if config.num_robots:
         if robot_id is None:
             raise ValueError(f"this model has a robot-id embedding ({config.num_robots} robots): pass robot_id (B,)")
-        _check_tensor("robot_id", robot_id, (batch,), None, device)
+        check_tensor("robot_id", robot_id, (batch,), None, device)
         if robot_id.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"robot_id must be an integer tensor, got {robot_id.dtype}")
     elif robot_id is not None:
@@ -88,18 +87,18 @@ def check_forward_inputs(model, video, text, actions, timestep, image, history, 
     if video.dim() != 5:
         raise ValueError(f"video must be 5-D (B, F, C, H, W), got {_describe(video)}")
     b = video.shape[0]
-    _check_tensor("video", video, model.noisy_video_shape(b), dtype, device)
-    _check_tensor("text", text, (b, c.text_len, c.text_dim), dtype, device)
-    _check_tensor("actions", actions, model.action_shape(b), dtype, device)
+    check_tensor("video", video, model.noisy_video_shape(b), dtype, device)
+    check_tensor("text", text, (b, c.text_len, c.text_dim), dtype, device)
+    check_tensor("actions", actions, model.action_shape(b), dtype, device)
     frame = (b, None, c.latent_channels, c.latent_height, c.latent_width)
     if image is not None:
-        _check_tensor("image", image, (b, 1) + frame[2:], dtype, device)
+        check_tensor("image", image, (b, 1) + frame[2:], dtype, device)
     num_history = 0
     if history is not None:
         if c.mask != "temporal":
             raise ValueError("history frames need a model with mask='temporal' (clean context segments); "
                              f"this model has mask={c.mask!r}")
-        _check_tensor("history", history, frame, dtype, device)
+        check_tensor("history", history, frame, dtype, device)
         num_history = history.shape[1]
         if not 1 <= num_history <= c.history_frames:
             raise ValueError(f"history must hold 1..{c.history_frames} frames (config.history_frames), "

@@ -9,13 +9,15 @@
     fp8_linear             kernels/fp8_linear.py       ...                           - (torch._scaled_mm)
 
 Tests: tests/test_<name>.py; benchmarks: benchmarks/bench_<name>.py; the float32 references are in
-wam_fast/models/functional.py. ``wam_fast.ops.<name>`` is the function; the module holding it and
+wam_fast/ops/reference.py (the reference model calls them too). ``wam_fast.ops.<name>`` is the function; the module holding it and
 its ``BACKENDS`` is ``importlib.import_module("wam_fast.ops.<name>")``. Each op is a
 ``torch.library.custom_op`` (``torch.ops.wam_fast.<name>``) with a fake kernel, so torch.compile (fullgraph) and CUDA graphs see one op; the Python function here
 checks its inputs first and raises a message naming what was expected and what came.
-Backends: CUDA extension where built, Triton, torch (``_registry``); ``use_backend`` forces one.
+Backends: CUDA extension where built, Triton, torch (``registry``); ``use_backend`` forces one.
 """
-from wam_fast.ops._registry import fallbacks, use_backend
+import importlib
+
+from wam_fast.ops.registry import fallbacks, use_backend
 from wam_fast.ops.adaln_modulate import adaln_modulate
 from wam_fast.ops.attention import attention
 from wam_fast.ops.ffn_gelu import ffn_gelu
@@ -26,14 +28,19 @@ from wam_fast.ops.qk_norm_rope import qk_norm_rope
 OPS = ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention", "ffn_gelu", "fp8_linear")
 
 
+def op_module(name: str):
+    """The module of op ``name`` (its BACKENDS and helpers); ``wam_fast.ops.<name>`` is the function."""
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; expected one of {OPS}")
+    return importlib.import_module(f"wam_fast.ops.{name}")
+
+
 def backend_table() -> list:
     """Every op's backends on this machine: [{"op", "backend", "status", "detail"}]."""
-    import importlib
-
     rows = []
     for name in OPS:
-        rows += importlib.import_module(f"wam_fast.ops.{name}").BACKENDS.table()
+        rows += op_module(name).BACKENDS.table()
     return rows
 
 
-__all__ = list(OPS) + ["backend_table", "fallbacks", "use_backend"]
+__all__ = list(OPS) + ["backend_table", "fallbacks", "op_module", "use_backend"]

@@ -17,9 +17,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from wam_fast.models import functional as WF
-from wam_fast.ops._checks import FLOAT_DTYPES, check_same, check_segments, check_tensor
-from wam_fast.ops._registry import OpBackends, device_reasons, kernel_module, triton_interpreting
+from wam_fast.ops import reference as WF
+from wam_fast.ops.checks import FLOAT_DTYPES, check_same, check_segments, check_tensor
+from wam_fast.ops.registry import OpBackends, cuda_extension, device_reasons, kernel_module, triton_interpreting
 
 OP = "adaln_modulate"
 MAX_CUDA_SEGMENTS = 8  # WAM_MAX_SEGMENTS in csrc/adaln_modulate.h
@@ -121,12 +121,12 @@ def empty_scale(x: torch.Tensor) -> torch.Tensor:
 
 # ---- backends -------------------------------------------------------------------------------------
 def _cuda_run(x, shift, scale, segments, mod_index, weight, bias, eps, fp8):
-    from wam_fast import _C
+    extension = cuda_extension()
 
     B, N, D = x.shape
     y = torch.empty((B, N, D), dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
     y_scale = torch.empty((B, N, 1), dtype=torch.float32, device=x.device) if fp8 else None
-    _C.adaln_modulate(x, shift.contiguous(), scale.contiguous(), weight, bias, list(segments), list(mod_index),
+    extension.adaln_modulate(x, shift.contiguous(), scale.contiguous(), weight, bias, list(segments), list(mod_index),
                       float(eps), y, y_scale, cuda_stream(x.device))
     return y, (y_scale if fp8 else empty_scale(x))
 
@@ -171,7 +171,7 @@ BACKENDS.register("triton", _triton_run, _triton_rejects,
                   supports=f"fp32/fp16/bf16, strided inputs (unit last-dim stride), D <= {MAX_TRITON_D}, "
                            "fp8 output (sm_89+)")
 BACKENDS.register("torch", _torch_run, None,
-                  supports="fp32/fp16/bf16 (wam_fast.models.functional, eager in the input dtype; fp8 from fp32)")
+                  supports="fp32/fp16/bf16 (wam_fast.ops.reference, eager in the input dtype; fp8 from fp32)")
 
 
 # ---- custom op ------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``attention(q, k, v, q_segments=None, k_segments=None, mask="full")``: softmax(q k^T / sqrt(hd)) v.
 
-Semantics (DESIGN.md section 5, reference ``wam_fast.models.functional.attention``, i.e. SDPA):
+Semantics (DESIGN.md section 5, reference ``wam_fast.ops.reference.attention``, i.e. SDPA):
 q (B, H, Nq, hd), k and v (B, H, Nk, hd) with Nk >= Nq (a cached prefix: the keys of context tokens
 come first). ``mask="full"``: every query sees every key. ``mask="temporal"``: q_segments (Nq,) and
 k_segments (Nk,) integer segment ids; a query of segment i sees the keys of segments <= i (by id, not
@@ -10,21 +10,21 @@ online softmax, fp32 accumulation, fully masked key blocks skipped), torch (SDPA
 
 Optional external kernels (``EXTERNAL_BACKENDS``: flash-attn, xformers) serve full-mask calls of the
 modules ``wam_fast.compile`` swaps in (``CompileConfig(attention="flash-attn")``) through
-``attention_with(backend, q, k, v)``. They are detected with ``importlib.util.find_spec`` and
+``attention_with(backend, q, k, v)``. They are detected with ``wam_fast.utils.optional`` (no import) and
 imported only when a call runs (``import wam_fast`` never imports them); a call they cannot take
 (CPU tensors, fp32, head_dim, ...) runs this op instead and the fallback is noted once
 (``wam_fast.ops.fallbacks()``, ``python -m wam_fast.info``).
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import List, Optional
 
 import torch
 
-from wam_fast.models import functional as WF
-from wam_fast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
-from wam_fast.ops._registry import OpBackends, _note_fallback, device_reasons, kernel_module
+from wam_fast.ops import reference as WF
+from wam_fast.ops.checks import FLOAT_DTYPES, check_same, check_tensor
+from wam_fast.ops.registry import OpBackends, device_reasons, kernel_module, note_fallback
+from wam_fast.utils import optional
 
 OP = "attention"
 BACKENDS = OpBackends(OP)
@@ -144,20 +144,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Opt
 # ---- optional external kernels: flash-attn, xformers ----------------------------------------------------
 # name -> python module, install line, dtypes and head dims the kernel takes (full mask only)
 EXTERNAL_BACKENDS = {
-    "flash-attn": {"module": "flash_attn", "install": "pip install flash-attn --no-build-isolation",
+    "flash-attn": {"module": "flash_attn", "install": optional.OPTIONAL_PACKAGES["flash-attn"]["install"],
                    "dtypes": (torch.float16, torch.bfloat16), "max_head_dim": 256, "head_dim_multiple": 8},
-    "xformers": {"module": "xformers", "install": "pip install xformers",
+    "xformers": {"module": "xformers", "install": optional.OPTIONAL_PACKAGES["xformers"]["install"],
                  "dtypes": (torch.float16, torch.bfloat16, torch.float32), "max_head_dim": 256,
                  "head_dim_multiple": 1},
 }
 ATTENTION_BACKENDS = ("auto",) + tuple(EXTERNAL_BACKENDS)  # "auto": this op's own dispatch (cuda/triton/torch)
-
-
-def _find_spec(module: str):
-    try:
-        return importlib.util.find_spec(module)
-    except (ImportError, ValueError):  # a broken parent package: treat as missing
-        return None
 
 
 def external_reason(name: str) -> Optional[str]:
@@ -166,7 +159,7 @@ def external_reason(name: str) -> Optional[str]:
     if name not in EXTERNAL_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {ATTENTION_BACKENDS}")
     spec = EXTERNAL_BACKENDS[name]
-    if _find_spec(spec["module"]) is None:
+    if not optional.installed(spec["module"]):
         return f"{name} is not installed (python module {spec['module']!r}): {spec['install']}"
     if not torch.cuda.is_available():
         return f"{name} runs on CUDA GPUs only, and no CUDA device is visible"
@@ -213,5 +206,5 @@ def attention_with(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         reasons = [why] if why is not None else external_rejects(backend, q, k, v)
         if not reasons:
             return _run_external(backend, q, k, v)
-        _note_fallback(OP, "wam_fast", [f"{backend}: {'; '.join(reasons)}"])
+        note_fallback(OP, "wam_fast", [f"{backend}: {'; '.join(reasons)}"])
     return attention(q, k, v)

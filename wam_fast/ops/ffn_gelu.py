@@ -1,6 +1,6 @@
 """``ffn_gelu(x, weight, bias=None)``: the FFN's first GEMM with bias and GELU-tanh fused as its epilogue.
 
-Semantics (DESIGN.md section 5, reference ``wam_fast.models.functional.ffn_gelu``):
+Semantics (DESIGN.md section 5, reference ``wam_fast.ops.reference.ffn_gelu``):
 ``gelu_tanh(x @ weight.T + bias)`` with x (..., K), weight (Nout, K) in nn.Linear layout, bias (Nout,)
 or None; the output is (..., Nout) in x's dtype. The Triton backend accumulates in fp32 and computes
 the GELU in fp32 (fp32 inputs use IEEE fp32 products, not TF32); the torch backend is eager PyTorch.
@@ -11,9 +11,9 @@ from typing import List, Optional
 
 import torch
 
-from wam_fast.models import functional as WF
-from wam_fast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
-from wam_fast.ops._registry import OpBackends, device_reasons, kernel_module
+from wam_fast.ops import reference as WF
+from wam_fast.ops.checks import FLOAT_DTYPES, check_same, check_tensor
+from wam_fast.ops.registry import OpBackends, device_reasons, kernel_module
 
 OP = "ffn_gelu"
 BACKENDS = OpBackends(OP)

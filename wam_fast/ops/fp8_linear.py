@@ -1,6 +1,6 @@
 """``fp8_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, out_dtype=torch.bfloat16)``.
 
-Semantics (DESIGN.md section 5, reference ``wam_fast.models.functional.fp8_linear``):
+Semantics (DESIGN.md section 5, reference ``wam_fast.ops.reference.fp8_linear``):
 ``y = (x_fp8 @ weight_fp8.T) * x_scale * weight_scale.T + bias`` with an fp32 accumulator (on Hopper,
 FP8 fast accumulation: see FAST_ACCUM), returned in ``out_dtype``. x_fp8 (..., K) and weight_fp8 (Nout, K) are float8_e4m3fn; x_scale is float32 with one
 scale per row of x, shape (..., 1) (dynamic per-token quantization; ``functional.quantize_rowwise``
@@ -27,9 +27,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from wam_fast.models import functional as WF
-from wam_fast.ops._checks import FLOAT_DTYPES, check_tensor
-from wam_fast.ops._registry import OpBackends, _note_fallback, device_reasons, kernel_module
+from wam_fast.ops import reference as WF
+from wam_fast.ops.checks import FLOAT_DTYPES, check_tensor
+from wam_fast.ops.registry import OpBackends, device_reasons, kernel_module, note_fallback
 
 OP = "fp8_linear"
 FP8_DTYPE = torch.float8_e4m3fn
@@ -135,7 +135,7 @@ def scaled_mm(x, x_scale, weight, weight_scale, bias, out_dtype, align: Optional
 def _run_torch(x, x_scale, weight, weight_scale, bias, out_dtype):
     reasons = scaled_mm_reasons(x.device)
     if reasons:
-        _note_fallback(OP, "torch (dequantized fp32 reference)", [f"torch._scaled_mm: {'; '.join(reasons)}"])
+        note_fallback(OP, "torch (dequantized fp32 reference)", [f"torch._scaled_mm: {'; '.join(reasons)}"])
         return WF.fp8_linear(x, x_scale, weight, weight_scale, bias, out_dtype)
     return scaled_mm(x, x_scale, weight, weight_scale, bias, out_dtype)
 

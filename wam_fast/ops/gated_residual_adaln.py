@@ -11,9 +11,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from wam_fast.models import functional as WF
-from wam_fast.ops._checks import check_same, check_tensor
-from wam_fast.ops._registry import OpBackends, kernel_module, triton_interpreting
+from wam_fast.ops import reference as WF
+from wam_fast.ops.checks import check_same, check_tensor
+from wam_fast.ops.registry import OpBackends, cuda_extension, kernel_module, triton_interpreting
 from wam_fast.ops.adaln_modulate import (MAX_TRITON_D, check_modulation_inputs, cuda_common_reasons, cuda_stream,
                                          empty_scale, last_dim_contiguous, token_sets_int32, torch_modulate,
                                          triton_common_reasons)
@@ -23,13 +23,13 @@ OP = "gated_residual_adaln"
 
 # ---- backends -------------------------------------------------------------------------------------
 def _cuda_run(residual, x, gate, shift, scale, segments, mod_index, weight, bias, eps, fp8):
-    from wam_fast import _C
+    extension = cuda_extension()
 
     B, N, D = residual.shape
     r = torch.empty((B, N, D), dtype=residual.dtype, device=residual.device)
     y = torch.empty((B, N, D), dtype=torch.float8_e4m3fn if fp8 else residual.dtype, device=residual.device)
     y_scale = torch.empty((B, N, 1), dtype=torch.float32, device=residual.device) if fp8 else None
-    _C.gated_residual_adaln(residual, x, gate.contiguous(), shift.contiguous(), scale.contiguous(), weight, bias,
+    extension.gated_residual_adaln(residual, x, gate.contiguous(), shift.contiguous(), scale.contiguous(), weight, bias,
                             list(segments), list(mod_index), float(eps), r, y, y_scale, cuda_stream(residual.device))
     return r, y, (y_scale if fp8 else empty_scale(residual))
 
@@ -64,7 +64,7 @@ BACKENDS.register("triton", _triton_run, _triton_rejects,
                   supports=f"fp32/fp16/bf16, strided inputs (unit last-dim stride), D <= {MAX_TRITON_D}, "
                            "fp8 output (sm_89+)")
 BACKENDS.register("torch", _torch_run, None,
-                  supports="fp32/fp16/bf16 (wam_fast.models.functional, eager in the input dtype; fp8 from fp32)")
+                  supports="fp32/fp16/bf16 (wam_fast.ops.reference, eager in the input dtype; fp8 from fp32)")
 
 
 # ---- custom op ------------------------------------------------------------------------------------

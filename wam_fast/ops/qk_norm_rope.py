@@ -10,9 +10,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from wam_fast.models import functional
-from wam_fast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
-from wam_fast.ops._registry import OpBackends, device_reasons, kernel_module
+from wam_fast.ops import reference as functional
+from wam_fast.ops.checks import FLOAT_DTYPES, check_same, check_tensor
+from wam_fast.ops.registry import OpBackends, cuda_extension, device_reasons, kernel_module
 
 OP = "qk_norm_rope"
 MAX_HEAD_DIM = 256
@@ -49,14 +49,14 @@ def _cuda_rejects(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start
 
 
 def _cuda_run(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps):
-    from wam_fast import _C
+    extension = cuda_extension()
 
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if q.numel() == 0:  # nothing to launch
         return q_out, k_out
     stream = torch.cuda.current_stream(q.device).cuda_stream
-    _C.qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, int(rope_start), int(rope_end),
+    extension.qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, int(rope_start), int(rope_end),
                     float(eps), q_out, k_out, stream)
     return q_out, k_out
 
@@ -103,7 +103,7 @@ BACKENDS.register("cuda", _cuda_run, _cuda_rejects,
 BACKENDS.register("triton", _triton_run, _triton_rejects,
                   "fp32/fp16/bf16; even head_dim <= 256; q, k any strides")
 BACKENDS.register("torch", _torch_run, None,
-                  "fp32/fp16/bf16, any strides (wam_fast.models.functional, in the input dtype)")
+                  "fp32/fp16/bf16, any strides (wam_fast.ops.reference, in the input dtype)")
 
 
 # ---- custom op ---------------------------------------------------------------------------------

@@ -6,31 +6,24 @@ from typing import Optional, Sequence
 
 import torch
 
+from wam_fast.utils.checks import describe, require_tensor, shape_matches, shape_text
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _fmt(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
 
 
 def check_tensor(op: str, name: str, t, ndim: Optional[int] = None, shape: Optional[Sequence[Optional[int]]] = None,
                  dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
     """t is a tensor with ndim dims, a shape matching ``shape`` (None = any size) and one of ``dtypes``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"wam_fast.ops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    require_tensor(name, t, prefix=f"wam_fast.ops.{op}: ")
     if shape is not None:
         ndim = len(shape)
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"wam_fast.ops.{op}: {name} must have {ndim} dims"
-                         f"{' ' + _shape_str(shape) if shape is not None else ''}, got {_fmt(t)}")
-    if shape is not None and any(want is not None and want != got for want, got in zip(shape, t.shape)):
-        raise ValueError(f"wam_fast.ops.{op}: {name} must have shape {_shape_str(shape)}, got {_fmt(t)}")
+                         f"{' ' + shape_text(shape) if shape is not None else ''}, got {describe(t)}")
+    if shape is not None and not shape_matches(t, shape):
+        raise ValueError(f"wam_fast.ops.{op}: {name} must have shape {shape_text(shape)}, got {describe(t)}")
     if t.dtype not in dtypes:
-        raise TypeError(f"wam_fast.ops.{op}: {name} must be one of {[str(d) for d in dtypes]}, got {_fmt(t)}")
-
-
-def _shape_str(shape) -> str:
-    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise TypeError(f"wam_fast.ops.{op}: {name} must be one of {[str(d) for d in dtypes]}, got {describe(t)}")
 
 
 def check_same(op: str, reference_name: str, reference: torch.Tensor, dtype: bool = True, **others) -> None:

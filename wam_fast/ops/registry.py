@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from wam_fast.utils import optional
+
 logger = logging.getLogger("wam_fast.ops")
 
 BACKEND_NAMES = ("cuda", "triton", "torch")
@@ -40,10 +42,17 @@ def cuda_extension_reason() -> Optional[str]:
             return f"extension not built: torch {torch.__version__} is a CPU build"
         return "extension not built (on a GPU machine: pip install --no-build-isolation -e .)"
     try:
-        import wam_fast._C  # noqa: F401
+        cuda_extension()
     except Exception as exc:  # a stale build: say what failed
         return f"extension wam_fast._C fails to import: {type(exc).__name__}: {exc}"
     return None
+
+
+def cuda_extension():
+    """The compiled extension wam_fast._C (csrc/); use it where cuda_extension_reason() is None."""
+    import wam_fast._C as extension  # built only on CUDA machines: imported on first use
+
+    return extension
 
 
 def triton_interpreting() -> bool:
@@ -52,7 +61,7 @@ def triton_interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_reason() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not optional.installed("triton"):
         return "triton is not installed (pip install triton; Linux x86-64)"
     return None
 
@@ -144,7 +153,7 @@ class OpBackends:
             why = self.reasons(backend, *args, **kwargs)
             if not why:
                 if skipped:
-                    _note_fallback(self.op, backend.name, skipped)
+                    note_fallback(self.op, backend.name, skipped)
                 return backend
             if forced is not None:
                 raise RuntimeError(f"wam_fast.ops.{self.op}: backend {forced!r} was forced but cannot run "
@@ -169,7 +178,8 @@ class OpBackends:
         return rows
 
 
-def _note_fallback(op: str, backend: str, skipped: List[str]) -> None:
+def note_fallback(op: str, backend: str, skipped: List[str]) -> None:
+    """Log a fallback once per (op, backend, reasons) and count it (``fallbacks()``)."""
     key = (op, backend, tuple(skipped))
     if key not in _FALLBACKS:
         logger.warning("wam_fast.ops.%s: running the %s backend (%s)", op, backend, " | ".join(skipped))

@@ -11,7 +11,9 @@ import platform
 import subprocess
 from typing import Optional
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from wam_fast.utils import nvml
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def package_version(name: str) -> Optional[str]:
@@ -48,38 +50,12 @@ def cpu_name() -> str:
 
 
 def _nvml_info(torch_index: int) -> dict:
-    """Driver and clocks from NVML (nvidia-ml-py); empty when NVML is not there."""
+    """Driver and clocks from NVML; empty when NVML is not there."""
     try:
-        import pynvml
-    except ImportError:
+        return nvml.query(torch_index, ("driver", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz",
+                                        "power_limit_w"))
+    except nvml.NvmlUnavailable:
         return {}
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver: NVML raises its own error types
-        return {}
-    try:
-        import torch
-
-        info = {"driver": pynvml.nvmlSystemGetDriverVersion()}
-        # Match by UUID: CUDA_VISIBLE_DEVICES may renumber devices between torch and NVML.
-        try:
-            uuid = str(torch.cuda.get_device_properties(torch_index).uuid)
-            uuid = uuid if uuid.startswith("GPU-") else "GPU-" + uuid
-            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-        except Exception:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(torch_index)
-        info["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
-        info["sm_clock_max_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)
-        info["mem_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM)
-        info["power_limit_w"] = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0
-        return info
-    except Exception:
-        return {}
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def environment(device: Optional[str] = None) -> dict:
@@ -89,7 +65,7 @@ def environment(device: Optional[str] = None) -> dict:
     """
     import torch
 
-    import wam_fast
+    from wam_fast import __version__
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,7 +79,7 @@ def environment(device: Optional[str] = None) -> dict:
         "torch": torch.__version__,
         "triton": package_version("triton"),
         "cuda": torch.version.cuda,
-        "wam_fast": wam_fast.__version__,
+        "wam_fast": __version__,
         "commit": git_commit(),
         "platform": platform.platform(),
         "cpu": cpu_name(),

@@ -1,8 +1,8 @@
 """wam_fast levers for diffusers' ``CogVideoXTransformer3DModel`` (VideoVLA's backbone).
 
-Imported by ``wam_fast.compiler`` the first time a diffusers model is compiled (it imports diffusers;
-``import wam_fast`` does not), which registers ``compile_cogvideox`` for CogVideoXTransformer3DModel.
-Everything attaches without editing diffusers (DESIGN.md section 9.3):
+Imported by ``wam_fast.compiler.dispatch`` the first time a diffusers model is compiled (it imports
+diffusers; ``import wam_fast`` does not), which registers ``HANDLERS`` (``compile_cogvideox`` for
+CogVideoXTransformer3DModel). Everything attaches without editing diffusers (docs/design.md, Conventions):
 
 - ``CogVideoXAttnProcessor`` (through ``set_attn_processor``, per attention module whose processor is
   diffusers' default ``CogVideoXAttnProcessor2_0``): q/k/v projections -> ``ops.qk_norm_rope`` (the
@@ -33,23 +33,20 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.normalization import CogVideoXLayerNormZero
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
-from wam_fast import compiler
-from wam_fast.models import functional as WF
+from wam_fast import ops
+from wam_fast.compiler import session as session_module
+from wam_fast.compiler.session import Session, check_backend_available, compile_kwargs, module_device
+from wam_fast.ops import reference as WF
+from wam_fast.ops.registry import note_fallback
+from wam_fast.quant import FP8Linear
+from wam_fast.utils.modules import retype, set_submodule
 
 FP8_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
 TEXT, VIDEO = 1, 0  # modulation sets in a CogVideoXLayerNormZero table (video's (shift, scale, gate) come first)
 
 
-def _ops():
-    import wam_fast.ops as ops
-
-    return ops
-
-
 def _note(reasons: List[str]) -> None:
-    from wam_fast.ops._registry import _note_fallback
-
-    _note_fallback("attention", "diffusers CogVideoXAttnProcessor2_0 (original)", reasons)
+    note_fallback("attention", "diffusers CogVideoXAttnProcessor2_0 (original)", reasons)
 
 
 # ---- attention processor -------------------------------------------------------------------------------
@@ -77,7 +74,7 @@ class CogVideoXAttnProcessor:
         if not reasons and attn.norm_q.eps != attn.norm_k.eps:
             reasons.append(f"norm_q eps {attn.norm_q.eps} != norm_k eps {attn.norm_k.eps}")
         head_dim = attn.inner_dim // attn.heads if hasattr(attn, "inner_dim") else None
-        heads = importlib_attention().HEAD_DIMS
+        heads = ops.op_module("attention").HEAD_DIMS
         if head_dim not in heads:
             reasons.append(f"head_dim {head_dim} (wam_fast.ops.attention takes {list(heads)})")
         return reasons
@@ -111,7 +108,6 @@ class CogVideoXAttnProcessor:
 
     def joint(self, attn, x: torch.Tensor, text_len: int, image_rotary_emb) -> torch.Tensor:
         """Attention over the joint [text | video] sequence x (B, N, D) -> (B, N, D); RoPE on x[:, text_len:]."""
-        ops = _ops()
         b, n, _ = x.shape
         heads = attn.heads
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
@@ -125,15 +121,9 @@ class CogVideoXAttnProcessor:
             start, end = text_len, n
         q, k = ops.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_q.bias, attn.norm_k.weight, attn.norm_k.bias,
                                 cos, sin, start, end, attn.norm_q.eps)
-        o = compiler.attention_fn(self.attention)(q, k, v)
+        o = session_module.attention_fn(self.attention)(q, k, v)
         o = o.transpose(1, 2).reshape(b, n, heads * hd)
         return attn.to_out[1](attn.to_out[0](o))
-
-
-def importlib_attention():
-    import importlib
-
-    return importlib.import_module("wam_fast.ops.attention")
 
 
 # ---- AdaLN, gating, GELU -----------------------------------------------------------------------------------
@@ -161,7 +151,6 @@ class FusedCogVideoXLayerNormZero(CogVideoXLayerNormZero):
     """CogVideoXLayerNormZero with each segment's LayerNorm + modulation in one adaln_modulate."""
 
     def forward(self, hidden_states, encoder_hidden_states, temb):
-        ops = _ops()
         shift, scale, gate = _tables(self, temb)
         w, b, eps = self.norm.weight, self.norm.bias, self.norm.eps
         h = ops.adaln_modulate(hidden_states, shift[:, VIDEO:VIDEO + 1], scale[:, VIDEO:VIDEO + 1],
@@ -176,7 +165,6 @@ class FusedCogVideoXBlock(CogVideoXBlock):
     Same signature and outputs (hidden_states, encoder_hidden_states)."""
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
-        ops = _ops()
         text_len = encoder_hidden_states.shape[1]
         segments, sets = (text_len, hidden_states.shape[1]), (TEXT, VIDEO)
         x = torch.cat((encoder_hidden_states, hidden_states), dim=1)
@@ -203,7 +191,7 @@ class FusedGELU(GELU):
     """diffusers GELU(approximate="tanh"): Linear + GELU-tanh as one ffn_gelu op."""
 
     def forward(self, hidden_states):
-        return _ops().ffn_gelu(hidden_states, self.proj.weight, self.proj.bias)
+        return ops.ffn_gelu(hidden_states, self.proj.weight, self.proj.bias)
 
 
 _DESCRIBE = {
@@ -214,8 +202,6 @@ _DESCRIBE = {
 
 
 def _describe(where, old, new) -> str:
-    from wam_fast.quant import FP8Linear
-
     if isinstance(new, FP8Linear):
         return f"nn.Linear({old.in_features} -> {old.out_features}) -> FP8Linear (float8 e4m3, {new.activation})"
     what = _DESCRIBE.get(type(new).__name__)
@@ -243,10 +229,10 @@ def _fp8_reason(name: str, module: nn.Module) -> Optional[str]:
 
 def compile_cogvideox(model, config, filter_fn, report, example_inputs):
     """CogVideoXTransformer3DModel: attention processor, fused AdaLN blocks and GELU, FP8, torch.compile."""
-    device = compiler.module_device(model)
-    compiler.check_backend_available(config, device)
-    compiler.compile_kwargs(config, device)
-    session = compiler.Session(model, config, filter_fn, report, example_inputs)
+    device = module_device(model)
+    check_backend_available(config, device)
+    compile_kwargs(config, device)
+    session = Session(model, config, filter_fn, report, example_inputs)
 
     if config.fused:
         old = dict(model.attn_processors)  # "transformer_blocks.0.attn1.processor" -> processor
@@ -286,7 +272,7 @@ def compile_cogvideox(model, config, filter_fn, report, example_inputs):
                     if why:
                         report.skip(name, f"block left as is: {'; '.join(why)}")
                     else:
-                        compiler.set_submodule(model, name, compiler.retype(module, FusedCogVideoXBlock))
+                        set_submodule(model, name, retype(module, FusedCogVideoXBlock))
                 elif type(module) is CogVideoXLayerNormZero and type(
                         model.get_submodule(name.rpartition(".")[0]) if "." in name else model) not in (
                         CogVideoXBlock, FusedCogVideoXBlock):  # a standard block's norms go with the block
@@ -294,7 +280,7 @@ def compile_cogvideox(model, config, filter_fn, report, example_inputs):
                     if why:
                         report.skip(name, f"left as is: {'; '.join(why)}")
                     else:
-                        compiler.set_submodule(model, name, compiler.retype(module, FusedCogVideoXLayerNormZero))
+                        set_submodule(model, name, retype(module, FusedCogVideoXLayerNormZero))
                 elif type(module) is GELU:
                     proj = name + ".proj"
                     if module.approximate != "tanh":
@@ -306,7 +292,7 @@ def compile_cogvideox(model, config, filter_fn, report, example_inputs):
                         report.skip(name, "GELU left as is: its proj is quantized to FP8 (fp8=True), and ffn_gelu "
                                           "takes a high-precision weight")
                     else:
-                        compiler.set_submodule(model, name, compiler.retype(module, FusedGELU))
+                        set_submodule(model, name, retype(module, FusedGELU))
 
         session.swap_lever("fused", "rel", swap_norms, _describe)
         # a CogVideoXBlock subclass keeps its forward: its LayerNormZeros are fused on their own
@@ -324,7 +310,7 @@ def compile_cogvideox(model, config, filter_fn, report, example_inputs):
     session.torch_compile("module")
 
 
-compiler.register_handler(CogVideoXTransformer3DModel)(compile_cogvideox)
+HANDLERS = {CogVideoXTransformer3DModel: compile_cogvideox}  # model type -> handler, for the dispatch
 
 __all__ = ["CogVideoXAttnProcessor", "FusedCogVideoXBlock", "FusedCogVideoXLayerNormZero", "FusedGELU",
            "compile_cogvideox", "FP8_LINEARS"]

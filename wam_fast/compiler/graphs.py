@@ -38,6 +38,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from wam_fast.policy import WAMPolicy
+from wam_fast.sampling import SAMPLERS, initial_noise, run_sampler, step_size_for
+from wam_fast.schedules import schedule_for
 
 GRAPHS_ATTR = "_wam_fast_graphs"
 
@@ -105,9 +107,6 @@ class EagerCapture:
 def sampler_draws_noise(config, sampler: str, steps: int) -> bool:
     """Whether ``sampler`` draws from its generator inside its steps (beyond the initial noise), found by
     running it for ``steps`` steps on zeros on the CPU and comparing the generator state."""
-    from wam_fast.sampling import SAMPLERS
-    from wam_fast.schedules import schedule_for
-
     generator = torch.Generator("cpu").manual_seed(0)
     before = generator.get_state()
     solver = SAMPLERS[sampler](schedule_for(config), steps, generator)
@@ -154,8 +153,6 @@ class PolicyGraphs:
     # -- act --
     @torch.no_grad()
     def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None):
-        from wam_fast.sampling import _initial_noise, run_sampler
-
         p = self.policy
         rows, image, robot = p.observation_rows(image_latent, robot_id)
         if p.cache is None:
@@ -166,7 +163,7 @@ class PolicyGraphs:
         if entry.robot is not None:
             entry.robot.copy_(robot)
         if entry.template is not None:  # loop mode: the eager loop's initial draws, then one replay
-            video_noise, action_noise = _initial_noise(None, self._video_shape(), self._action_shape(), p.generator)
+            video_noise, action_noise = initial_noise(None, self._video_shape(), self._action_shape(), p.generator)
             entry.inputs[0].copy_(video_noise)
             entry.inputs[1].copy_(action_noise)
             video, actions = entry.capture.replay()
@@ -208,8 +205,6 @@ class PolicyGraphs:
         return self.entry
 
     def _capture(self, key, rows: int, robot) -> _Entry:
-        from wam_fast.sampling import run_sampler, step_size_for
-
         p, c, cache = self.policy, self.policy.config, self.policy.cache
         static_robot = None if robot is None else robot.clone()
         # the captured code must never draw: a dedicated generator it is handed, and watched
