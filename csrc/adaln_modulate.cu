@@ -1,4 +1,4 @@
-// adaln_modulate forward (DESIGN.md section 5):
+// adaln_modulate forward (docs/design.md, Ops):
 //   y = LayerNorm(x) (* weight + bias) * (1 + scale[set]) + shift[set]
 // where `set` is the modulation set of the segment a token belongs to (text / video / actions use
 // their own (shift, scale) rows of each sample). Output in the input dtype, or FP8 e4m3 with a

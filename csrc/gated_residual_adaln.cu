@@ -1,4 +1,4 @@
-// gated_residual_adaln forward (DESIGN.md section 5):
+// gated_residual_adaln forward (docs/design.md, Ops):
 //   r = residual + gate[set] * x                   (rounded to the storage dtype, written)
 //   y = adaln_modulate(r, shift, scale, ...)       (of the rounded r, as the unfused model does)
 // One block per token row: residual and x are read once, the row stays in registers for the

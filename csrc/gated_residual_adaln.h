@@ -1,4 +1,4 @@
-// C interface of the gated_residual_adaln kernel (DESIGN.md section 5), for the torch binding.
+// C interface of the gated_residual_adaln kernel (docs/design.md, Ops), for the torch binding.
 #pragma once
 
 #include "wam_types.h"

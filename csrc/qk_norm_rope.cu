@@ -1,4 +1,4 @@
-// qk_norm_rope forward (DESIGN.md section 5): affine LayerNorm over head_dim on q and k, then
+// qk_norm_rope forward (docs/design.md, Ops): affine LayerNorm over head_dim on q and k, then
 // interleaved RoPE on the tokens [rope_start, rope_end) only, both tensors in one launch
 // (blockIdx.y: 0 = q, 1 = k).
 //

@@ -1,4 +1,4 @@
-// C interface of the qk_norm_rope kernel (DESIGN.md section 5), for the torch binding.
+// C interface of the qk_norm_rope kernel (docs/design.md, Ops), for the torch binding.
 #pragma once
 
 #include "wam_types.h"

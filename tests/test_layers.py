@@ -293,3 +293,39 @@ def test_checker_finds_a_private_name(tmp_path):
     assert private(found) == ["wam_fast.ops.add:1 imports private _helper from wam_fast.ops.reference"]
     found = _tree(tmp_path, {**CLEAN, "wam_fast/ops/add.py": "import wam_fast._C\n"})
     assert private(found) == ["wam_fast.ops.add:1 imports private _C from wam_fast._C"]
+
+
+# ---- file sizes and the design document ----------------------------------------------------------------------------
+MAX_LINES = 600
+
+
+def _source_files(*folders, suffixes=(".py",)):
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            yield from (os.path.join(dirpath, f) for f in filenames if f.endswith(suffixes))
+
+
+def test_no_library_file_is_over_600_lines():
+    long = {os.path.relpath(p, ROOT): n for p in _source_files("wam_fast", "kernels")
+            if (n := sum(1 for _ in open(p, encoding="utf-8"))) > MAX_LINES}
+    assert long == {}
+
+
+def test_design_references_name_a_section_of_docs_design():
+    """Code points to docs/design.md by section name ("docs/design.md, KV cache"); every such name is a
+    section there, and nothing points to a design file the repository does not hold."""
+    sections = {line[3:].strip() for line in open(os.path.join(ROOT, "docs", "design.md"), encoding="utf-8")
+                if line.startswith("## ")}
+    bad = []
+    files = list(_source_files("wam_fast", "kernels", "tests", "benchmarks", "csrc",
+                               suffixes=(".py", ".cu", ".h", ".cuh", ".cpp", ".md", ".sh")))
+    files = [p for p in files if os.path.basename(p) != "test_layers.py"] + [os.path.join(ROOT, "README.md")]
+    for path in files:
+        text = open(path, encoding="utf-8").read()
+        if "DESIGN" + ".md" in text:
+            bad.append(f"{os.path.relpath(path, ROOT)} points to DESIGN.md (not in the repository)")
+        for ref in text.split("docs/design.md, ")[1:]:
+            if not any(ref.startswith(section) for section in sections):
+                bad.append(f"{os.path.relpath(path, ROOT)}: no section of docs/design.md begins {ref[:20]!r}")
+    assert bad == []

@@ -26,7 +26,7 @@ def test_w1_on_meta_has_5_57b_parameters_1256_tokens_and_allocates_nothing():
         model = wam_fast.WAMTransformer(cfg)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert count_params(model) == pytest.approx(5.57e9, rel=0.01)
-    # 18.9 M of each layer is its AdaLN projection (DESIGN.md section 1)
+    # 18.9 M of each layer is its AdaLN projection (docs/design.md, Model anatomy)
     assert count_params(model.blocks[0].adaln) == pytest.approx(18.9e6, rel=0.01)
     assert len(model.blocks) == 42 and cfg.hidden_dim == 3072 and cfg.ffn_dim == 12288
     assert cfg.num_tokens == 1256 and model.layout().num_tokens == 1256
@@ -119,7 +119,7 @@ def test_action_tokens_use_the_video_modulation_set_and_text_its_own():
 
 # ---- layouts and the temporal mask --------------------------------------------------------------
 def hand_built_mask(layout):
-    """Boolean (N, N), built token by token from the rule of DESIGN.md section 6 as wam_fast states
+    """Boolean (N, N), built token by token from the rule of docs/design.md, KV cache as wam_fast states
     it: text sees text; a clean frame sees text and itself; noisy tokens see everything."""
     owner = []  # "text", ("frame", f) or "noisy"
     frame = 0

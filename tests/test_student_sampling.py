@@ -1,4 +1,4 @@
-"""Distilled students as models and in sampling (issue #6, DESIGN.md section 7): the config fields,
+"""Distilled students as models and in sampling (issue #6, docs/design.md, Distillation): the config fields,
 the zero-initialised step-size embedding of shortcut students (on the noisy segments only, so the
 KV cache stays exact), the step size and shared noise in the sampling loop, the consistency
 sampler's math, the model-specific defaults and the refusals of options a student cannot honour."""

@@ -1,4 +1,4 @@
-"""Temporal-masked KV cache (DESIGN.md section 6): text once per instruction, a frame once per
+"""Temporal-masked KV cache (docs/design.md, KV cache): text once per instruction, a frame once per
 control step, and only the noisy tokens at each denoising step.
 
 With ``mask="temporal"`` (rule and RoPE positions in ``wam_fast.models.layout``) the K/V of the text
@@ -41,7 +41,7 @@ def not_cacheable_message(config: WAMConfig) -> str:
             f"(bidirectional, as the released VideoVLA): its text and frame tokens attend to the noisy "
             f"tokens, so their K/V change at every denoising step and cannot be reused exactly. Distill "
             f"it into a temporal-masked student (python -m wam_fast.distill with a mask='temporal' "
-            f"student, DESIGN.md section 7), which is exactly cacheable, or run it uncached (cache=False).")
+            f"student, docs/design.md, Distillation), which is exactly cacheable, or run it uncached (cache=False).")
 
 
 def pass_layouts(config: WAMConfig) -> Tuple[SegmentLayout, SegmentLayout, SegmentLayout]:
@@ -273,7 +273,7 @@ def cache_bytes(config: WAMConfig, rows: int, max_history: int = 0, bytes_per_el
 
 
 def chunk_cost(config: WAMConfig, steps: int, rows: int = 1, cache: bool = False, history: int = 0) -> dict:
-    """Tokens through the blocks and block FLOPs (linears + attention, as DESIGN.md section 1 counts
+    """Tokens through the blocks and block FLOPs (linears + attention, as docs/design.md, Workloads counts
     them; embeddings, heads and AdaLN tables are < 1%) for one action chunk of ``steps`` denoising
     steps on ``rows`` rows (2 with guidance), with a full window of ``history`` past frames.
 

@@ -1,4 +1,4 @@
-"""WAMConfig and the named workloads of DESIGN.md section 1 ("tiny", "videovla-5b", "videovla-5b-sim")."""
+"""WAMConfig and the named workloads of docs/design.md, Workloads ("tiny", "videovla-5b", "videovla-5b-sim")."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,13 +18,13 @@ class WAMConfig:
 
     ``mask="full"`` is VideoVLA's layout: text | video (all frames noisy, the clean image latent
     concatenated channel-wise) | actions, everything attends to everything.
-    ``mask="temporal"`` is the cacheable layout of DESIGN.md section 6: text | history frames
+    ``mask="temporal"`` is the cacheable layout of docs/design.md, KV cache: text | history frames
     (clean, up to ``history_frames``) | current frame (clean) | future frames + actions (noisy);
     text sees text, each clean frame sees the text and itself, the noisy tokens see everything
     (``wam_fast.models.layout``). ``dataclasses.replace(cfg, mask="temporal")``
     gives the masked variant of a preset with the same weights.
 
-    Distilled students (``wam_fast.distill``, DESIGN.md section 7): ``distillation`` is "" for a
+    Distilled students (``wam_fast.distill``, docs/design.md, Distillation): ``distillation`` is "" for a
     teacher, "shortcut" (the model gains a step-size embedding ``step_embed`` and takes
     ``step_size`` in forward) or "consistency"; ``distilled_steps`` are the step counts it was
     distilled for (e.g. (1, 2, 4)); ``distilled_cfg_scale`` is the classifier-free guidance scale

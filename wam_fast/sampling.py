@@ -19,7 +19,7 @@ consistency    both             multistep consistency sampling (LCM): x0 predict
                                 with fresh noise to the next level; the last step returns x0
 =============  ===============  =============================================================
 
-Distilled students (``config.distillation``, DESIGN.md section 7) carry their own defaults
+Distilled students (``config.distillation``, docs/design.md, Distillation) carry their own defaults
 (``default_options``): a shortcut student samples with ddim (v_prediction) or euler (flow_matching)
 at one of its ``distilled_steps``, and every forward gets ``step_size = num_train_timesteps / steps``
 (the length of the step its output is used for); a consistency student samples with "consistency".

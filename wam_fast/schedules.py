@@ -1,4 +1,4 @@
-"""Noise schedules and the training objective of the teacher (DESIGN.md sections 1 and 7).
+"""Noise schedules and the training objective of the teacher (docs/design.md, Model anatomy and Distillation).
 
 Both schedules write a noisy sample as ``x_t = alpha(t) * x0 + sigma(t) * noise``:
 

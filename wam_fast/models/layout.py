@@ -3,7 +3,7 @@
 Each segment has a length, a modulation set (0 = text set, 1 = video set; actions use the video
 set) and whether it carries the denoising timestep (noisy) or timestep 0 (clean context).
 
-Who sees whom (``attention_mask``; DESIGN.md section 6):
+Who sees whom (``attention_mask``; docs/design.md, KV cache):
 - ``mask="full"`` (VideoVLA): every token sees every token.
 - ``mask="temporal"``: text sees text; each clean frame (a history frame or the current frame) sees
   the text and itself; the noisy tokens (future video + actions) see everything. A clean frame never

@@ -259,7 +259,7 @@ class OutputAdaLN(nn.Module):
 
 
 class WAMTransformer(nn.Module):
-    """Reference world action model (VideoVLA / CogVideoX-5B anatomy, DESIGN.md section 1).
+    """Reference world action model (VideoVLA / CogVideoX-5B anatomy, docs/design.md, Workloads).
 
     forward(video, text, actions, timestep, image=None, history=None, robot_id=None, step_size=None)
       video    (B, F, C, H, W) noisy latents; F = config.noisy_frames (all latent frames for

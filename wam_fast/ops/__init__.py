@@ -1,4 +1,4 @@
-"""Fused ops (DESIGN.md section 5), one name each across kernel, dispatch, test and benchmark:
+"""Fused ops (docs/design.md, Ops), one name each across kernel, dispatch, test and benchmark:
 
     op                     Triton kernel               dispatch + custom op          CUDA (csrc/)
     adaln_modulate         kernels/adaln_modulate.py   wam_fast/ops/adaln_modulate.py   adaln_modulate.cu

@@ -1,4 +1,4 @@
-"""adaln_modulate (DESIGN.md section 5): ``y = LayerNorm(x) (* weight + bias) * (1 + scale[set]) + shift[set]``.
+"""adaln_modulate (docs/design.md, Ops): ``y = LayerNorm(x) (* weight + bias) * (1 + scale[set]) + shift[set]``.
 
 x (B, N, D); shift, scale (B, S, D); token n uses set ``mod_index[s]`` of the segment s it falls in
 (``segments``: consecutive token counts summing to N). Output in x's dtype, or with ``fp8=True``

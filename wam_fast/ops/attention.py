@@ -1,6 +1,6 @@
 """``attention(q, k, v, q_segments=None, k_segments=None, mask="full")``: softmax(q k^T / sqrt(hd)) v.
 
-Semantics (DESIGN.md section 5, reference ``wam_fast.ops.reference.attention``, i.e. SDPA):
+Semantics (docs/design.md, Ops, reference ``wam_fast.ops.reference.attention``, i.e. SDPA):
 q (B, H, Nq, hd), k and v (B, H, Nk, hd) with Nk >= Nq (a cached prefix: the keys of context tokens
 come first). ``mask="full"``: every query sees every key. ``mask="temporal"``: q_segments (Nq,) and
 k_segments (Nk,) integer segment ids; a query of segment i sees the keys of segments <= i (by id, not

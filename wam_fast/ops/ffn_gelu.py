@@ -1,6 +1,6 @@
 """``ffn_gelu(x, weight, bias=None)``: the FFN's first GEMM with bias and GELU-tanh fused as its epilogue.
 
-Semantics (DESIGN.md section 5, reference ``wam_fast.ops.reference.ffn_gelu``):
+Semantics (docs/design.md, Ops, reference ``wam_fast.ops.reference.ffn_gelu``):
 ``gelu_tanh(x @ weight.T + bias)`` with x (..., K), weight (Nout, K) in nn.Linear layout, bias (Nout,)
 or None; the output is (..., Nout) in x's dtype. The Triton backend accumulates in fp32 and computes
 the GELU in fp32 (fp32 inputs use IEEE fp32 products, not TF32); the torch backend is eager PyTorch.

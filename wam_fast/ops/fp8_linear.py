@@ -1,6 +1,6 @@
 """``fp8_linear(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, out_dtype=torch.bfloat16)``.
 
-Semantics (DESIGN.md section 5, reference ``wam_fast.ops.reference.fp8_linear``):
+Semantics (docs/design.md, Ops, reference ``wam_fast.ops.reference.fp8_linear``):
 ``y = (x_fp8 @ weight_fp8.T) * x_scale * weight_scale.T + bias`` with an fp32 accumulator (on Hopper,
 FP8 fast accumulation: see FAST_ACCUM), returned in ``out_dtype``. x_fp8 (..., K) and weight_fp8 (Nout, K) are float8_e4m3fn; x_scale is float32 with one
 scale per row of x, shape (..., 1) (dynamic per-token quantization; ``functional.quantize_rowwise``

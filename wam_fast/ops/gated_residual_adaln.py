@@ -1,4 +1,4 @@
-"""gated_residual_adaln (DESIGN.md section 5): ``r = residual + gate[set] * x``, then ``adaln_modulate(r, ...)``.
+"""gated_residual_adaln (docs/design.md, Ops): ``r = residual + gate[set] * x``, then ``adaln_modulate(r, ...)``.
 
 r is rounded to residual's dtype before it is normalized (as the unfused model does); returns
 ``(r, y)``, or with ``fp8=True`` ``(r, y_fp8, y_scale)`` with y quantized per row in the kernel

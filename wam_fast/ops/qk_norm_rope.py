@@ -1,7 +1,7 @@
 """qk_norm_rope: affine LayerNorm over head_dim on q and on k (B, H, N, hd), then interleaved RoPE
 (pairs (x0, x1), (x2, x3), ...: out = x * cos + rotate(x) * sin, rotate(x)[2i] = -x[2i+1],
 rotate(x)[2i+1] = x[2i]) on the tokens [rope_start, rope_end) only, with float32 cos, sin tables
-(rope_end - rope_start, hd); other tokens are only normalised (DESIGN.md section 5). Returns fresh
+(rope_end - rope_start, hd); other tokens are only normalised (docs/design.md, Ops). Returns fresh
 contiguous (q_out, k_out) in the input dtype; q and k may be strided views (e.g. of the fused qkv).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plain-PyTorch forms of the block's small ops, with the semantics of DESIGN.md section 5.
+"""Plain-PyTorch forms of the block's small ops, with the semantics of docs/design.md, Ops.
 
 The reference model calls these; fused kernels are tested against them (in float32).
 `segments` is a tuple of consecutive segment lengths summing to N and `mod_index[s]` the
