@@ -109,11 +109,12 @@ def test_cli_accounting_table(tiny_run):
     assert w1["full (VideoVLA)"]["tokens"] == w1["temporal"]["tokens"] == 10 * 2 * 1256
     assert w1["temporal + KV cache"]["tokens"] == 2 * (256 + 10 * 774)
     assert w1["temporal + KV cache"]["text_tokens"] == 2 * 226
-    assert w1["full (VideoVLA)"]["tflop"] == pytest.approx(20 * 12.76, rel=1e-3)  # DESIGN.md: 12.8 per forward
+    # docs/design.md, Workloads: 12.8 TFLOP per forward
+    assert w1["full (VideoVLA)"]["tflop"] == pytest.approx(20 * 12.76, rel=1e-3)
     assert {e["workload"] for e in data["accounting"]} == {"videovla-5b", "videovla-5b-sim"}
     weights = data["weights_w1"]
-    assert weights["bf16"] == pytest.approx(11.15e9, rel=0.01)  # DESIGN.md: 11.1 GB bf16
-    assert weights["fp8_with_adaln"] == pytest.approx(5.61e9, rel=0.01)  # DESIGN.md: 5.6 GB FP8
+    assert weights["bf16"] == pytest.approx(11.15e9, rel=0.01)  # docs/design.md, Workloads: 11.1 GB bf16
+    assert weights["fp8_with_adaln"] == pytest.approx(5.61e9, rel=0.01)  # docs/design.md, FP8: 5.6 GB
     assert weights["fp8_with_adaln"] < weights["fp8"] < 6.5e9  # default: AdaLN projections stay bf16
 
 
@@ -213,7 +214,8 @@ def test_chunk_flops_and_floor_follow_the_accounting():
     assert cached["tokens"] == 256 + 774  # one row (guidance baked in), the frame once, the noisy tokens once
     ceilings = {"bf16_tflops": 800.0, "fp8_tflops": 1600.0}
     floor = bench.floor_ms(paper, fp8=False, ceilings=ceilings)
-    assert floor == pytest.approx(paper["flops"] / 800e12 * 1e3)  # DESIGN.md: 16 ms per forward on an H100
+    # docs/design.md, Workloads: 16 ms per forward on an H100
+    assert floor == pytest.approx(paper["flops"] / 800e12 * 1e3)
     fp8 = bench.floor_ms(paper, fp8=True, ceilings=ceilings)
     assert fp8 == pytest.approx((paper["linear_flops"] / 1600e12 + paper["attention_flops"] / 800e12) * 1e3)
     assert bench.floor_ms(paper, fp8=True, ceilings={"bf16_tflops": 800.0, "fp8_tflops": None}) is None

@@ -1,0 +1,64 @@
+"""``python -m wam_fast.bench``: latency per action chunk, eager baselines vs wam_fast, on this machine.
+
+Default workload: "videovla-5b" (W1) in bf16 on a GPU, "tiny" in fp32 on CPU (``--workload`` for
+W2). Weights and inputs are random: latency does not depend on weight values, and a 5B checkpoint is
+not needed to measure it. Batch 1, no history frames.
+
+Rows (``--rows`` picks some by name or glob), in the order they run:
+
+- ``released-baseline``: the eager teacher as VideoVLA's code samples it: stochastic DPM++(2M),
+  50 steps, dynamic classifier-free guidance (scale 6) with cond + uncond batched (2 rows, 100
+  sample-forwards per chunk), through ``wam_fast.sample``.
+- ``paper-baseline``: the eager teacher as the VideoVLA paper deploys it: DDIM, 10 steps, CFG 6
+  (2 rows, 20 sample-forwards).
+- ``wam_fast-{S}step-{dtype|fp8}-{cache|nocache}`` for S in ``--steps`` (default 4, 2, 1): a shortcut
+  student of the same backbone (mask="temporal", distillation="shortcut", guidance baked in so one
+  row per sample-forward; its parameters are the teacher's tensors plus a step-size embedding),
+  compiled by ``wam_fast.compile`` (fused ops, FP8 linears or not, the KV cache or not, CUDA graphs
+  on a GPU) and run through ``WAMPolicy.act`` (one control step: the frame's pass with the cache,
+  then S denoising sample-forwards). FP8 rows run last: quantization swaps the linears in place.
+
+Each row reports the median and p90 latency (GPU: CUDA events, after warm-up), the peak memory,
+its speedup over each baseline measured in this same run, and on a GPU the % of the compute floor:
+the chunk's block FLOPs (``wam_fast.cache.chunk_cost``, the accounting table) divided by the
+machine's matmul rate (measured: a bf16 and an FP8 8192^3 GEMM, or the ceiling in docs/design.md
+(Workloads) when that measurement is not possible; the JSON says which), over the measured latency.
+
+A second table gives the arithmetic per action chunk (tokens through the blocks, block FLOPs and
+KV-cache memory) for W1 and W2 with and without the cache, from the configs.
+
+``--json PATH`` writes ``{"device", "workload", "versions", "environment", "rows": [{"name", "steps",
+"fp8", "cache", "latency_ms", "p90_ms", "peak_mem_bytes", ...}], "accounting", ...}``; ``--chart PATH``
+(default: the JSON path with .png, when --json is given) draws the table with matplotlib (optional:
+``pip install matplotlib``). ``--from-json PATH`` re-prints the table and draws the chart of a
+recorded run without measuring (e.g. a GPU run's JSON, charted on a laptop).
+
+The package: ``rows`` (which rows a run has), ``models`` (what a row builds), ``timing``, ``ceilings``
+(the compute floor), ``accounting`` (the arithmetic per chunk), ``telemetry`` (NVML), ``measure``
+(one row), ``report`` (tables, JSON, chart) and ``cli`` (``main``); their public names are here.
+"""
+
+from wam_fast.bench.rows import (BASELINES, CPU_PARAM_LIMIT, DEFAULT_STEPS, DTYPES, Variant, select,
+                                 student_row_name, variants, variants_for)
+from wam_fast.bench.models import (build_model, count_parameters, default_dtype, make_inputs,
+                                   quantize_fp8_in_place, shortcut_student, student_policy, temporal_twin)
+from wam_fast.bench.timing import peak_rss_bytes, percentile, time_calls
+from wam_fast.bench.ceilings import (PUBLISHED_CEILINGS, design_ceilings, floor_ms, measure_ceilings,
+                                     measure_ceilings_cached)
+from wam_fast.bench.accounting import ACCOUNTING_WORKLOADS, accounting, chunk_flops, weight_accounting
+from wam_fast.bench.telemetry import gpu_telemetry
+from wam_fast.bench.measure import add_speedups, chunk_runner, measure
+from wam_fast.bench.report import (CHART_HINT, format_accounting, format_bytes, format_environment, format_ms,
+                                   format_table, write_chart, write_json)
+from wam_fast.bench.cli import chart_path, emit_chart, main, parse_args, replot
+
+__all__ = [
+    "ACCOUNTING_WORKLOADS", "BASELINES", "CHART_HINT", "CPU_PARAM_LIMIT", "DEFAULT_STEPS", "DTYPES",
+    "PUBLISHED_CEILINGS", "Variant", "accounting", "add_speedups", "build_model", "chart_path", "chunk_flops",
+    "chunk_runner", "count_parameters", "default_dtype", "design_ceilings", "emit_chart", "floor_ms",
+    "format_accounting", "format_bytes", "format_environment", "format_ms", "format_table", "gpu_telemetry",
+    "main", "make_inputs", "measure", "measure_ceilings", "measure_ceilings_cached", "peak_rss_bytes",
+    "parse_args", "percentile", "quantize_fp8_in_place", "replot", "select", "shortcut_student",
+    "student_policy", "student_row_name", "temporal_twin", "time_calls", "variants", "variants_for",
+    "weight_accounting", "write_chart", "write_json",
+]

@@ -1,0 +1,50 @@
+"""The arithmetic per action chunk, from the configs: a row's block tokens and FLOPs (linears vs
+attention), the W1/W2 accounting table with and without the KV cache, and W1's weight bytes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List
+
+from wam_fast import configs
+from wam_fast.cache import cache_bytes, chunk_cost
+from wam_fast.quant import weight_bytes
+from wam_fast.bench.rows import Variant
+
+
+def chunk_flops(cfg, variant: Variant, batch: int) -> dict:
+    """Block FLOPs of one chunk of ``variant`` (``wam_fast.cache.chunk_cost``: the accounting table's
+    arithmetic), split into linears (24 d^2 per token per layer) and attention (the rest)."""
+    rows = batch * (2 if variant.cfg_scale != 1.0 or variant.cfg_schedule != "constant" else 1)
+    model_cfg = dataclasses.replace(cfg, mask="temporal") if variant.student else cfg
+    cost = chunk_cost(model_cfg, variant.steps, rows, cache=variant.cache)
+    linear = cfg.num_layers * 24 * cfg.hidden_dim ** 2 * cost["tokens"]
+    return {"tokens": cost["tokens"], "flops": cost["flops"], "linear_flops": linear,
+            "attention_flops": cost["flops"] - linear}
+
+
+ACCOUNTING_WORKLOADS = ("videovla-5b", "videovla-5b-sim")
+
+
+def accounting(steps: int, rows: int) -> List[dict]:
+    """Tokens and FLOPs per action chunk for W1 and W2: the full-mask model (VideoVLA), its temporal
+    twin uncached and cached (no history), and the cache's bf16 memory."""
+    out = []
+    for name in ACCOUNTING_WORKLOADS:
+        full = configs.get(name)
+        temporal = dataclasses.replace(full, mask="temporal")
+        for label, cfg, cache in (("full (VideoVLA)", full, False), ("temporal", temporal, False),
+                                  ("temporal + KV cache", temporal, True)):
+            cost = chunk_cost(cfg, steps, rows, cache=cache)
+            out.append({"workload": name, "model": label, "cache": cache, "steps": steps, "rows": rows,
+                        "tokens": cost["tokens"], "tflop": round(cost["flops"] / 1e12, 3),
+                        "text_tokens": cost["text_tokens"], "text_tflop": round(cost["text_flops"] / 1e12, 3),
+                        "cache_bytes_bf16": cache_bytes(cfg, rows) if cache else 0})
+    return out
+
+
+def weight_accounting(workload: str = "videovla-5b") -> dict:
+    """Weight bytes of a workload in bf16 and with FP8 linears, from meta-device builds."""
+    cfg = configs.get(workload)
+    default = weight_bytes(cfg)
+    with_adaln = weight_bytes(cfg, filter_fn=lambda module, name: name.startswith("blocks."))
+    return {"workload": workload, "bf16": default["bf16"], "fp8": default["fp8"], "fp8_with_adaln": with_adaln["fp8"]}

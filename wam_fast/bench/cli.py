@@ -1,0 +1,198 @@
+"""``python -m wam_fast.bench``: argument parsing, the run (teacher, students, rows in order, the
+tables, the JSON after every row) and ``--from-json`` re-drawing of a recorded run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import List, Optional
+
+import torch
+
+from wam_fast import configs
+from wam_fast.env import environment, versions
+from wam_fast.bench.accounting import accounting, weight_accounting
+from wam_fast.bench.ceilings import design_ceilings, measure_ceilings
+from wam_fast.bench.measure import add_speedups, measure
+from wam_fast.bench.models import build_model, count_parameters, make_inputs, shortcut_student
+from wam_fast.bench.report import format_accounting, format_environment, format_table, write_chart, write_json
+from wam_fast.bench.rows import CPU_PARAM_LIMIT, DEFAULT_STEPS, DTYPES, select, variants
+from wam_fast.bench.telemetry import gpu_telemetry
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected step counts like 4,2,1, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"step counts must be ints >= 1, got {text!r}")
+    return values
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m wam_fast.bench",
+        description="Latency per action chunk: the eager baselines (released: DPM++ 50 steps + dynamic CFG; "
+                    "paper: DDIM 10 steps + CFG) vs wam_fast (shortcut student, 4/2/1 steps, bf16/FP8, KV cache "
+                    "on/off, compiled). Random weights: latency does not depend on weight values.")
+    parser.add_argument("--workload", choices=configs.names(),
+                        help="default: videovla-5b (W1) on a GPU, tiny on CPU; videovla-5b-sim is W2")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on CPU")
+    parser.add_argument("--rows", type=lambda s: [p for p in s.split(",") if p],
+                        help="comma-separated row names or globs, e.g. 'paper-baseline,wam_fast-*-cache' "
+                             "(default: all; ratios need their baseline in the run)")
+    parser.add_argument("--steps", type=_int_list, default=list(DEFAULT_STEPS),
+                        help="student step counts, e.g. 4,2,1 (default)")
+    parser.add_argument("--backend", choices=("inductor", "eager"),
+                        help="wam_fast.compile backend (default: inductor on a GPU, eager on CPU, where a "
+                             "first torch.compile costs ~25 s per shape)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--chart", metavar="PATH",
+                        help="draw the table as a PNG (default: the --json path with .png; off without --json)")
+    parser.add_argument("--no-chart", action="store_true", help="draw no chart")
+    parser.add_argument("--ceiling", choices=("measured", "design"), default="measured",
+                        help="GPU only: the matmul rates of the compute floor, measured here (default) or "
+                             "docs/design.md's figures for this GPU")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="print the table of a recorded --json file and draw its chart; measure nothing")
+    parser.add_argument("--allow-cpu-large", action="store_true",
+                        help="run a multi-billion-parameter workload on CPU anyway")
+    args = parser.parse_args(argv)
+    for name in ("batch", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    return parser, args
+
+
+def chart_path(args) -> Optional[str]:
+    if args.no_chart:
+        return None
+    if args.chart:
+        return args.chart
+    source = args.json or args.from_json
+    return os.path.splitext(source)[0] + ".png" if source else None
+
+
+def emit_chart(result: dict, path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    problem = write_chart(result, path)
+    print(f"\n{problem}" if problem else f"\nwrote {path}")
+    return problem
+
+
+def replot(args) -> dict:
+    """--from-json: the table and chart of a recorded run."""
+    with open(args.from_json, encoding="utf-8") as f:
+        result = json.load(f)
+    print(format_table(result["workload"], result["rows"]))
+    emit_chart(result, chart_path(args))
+    return result
+
+
+def main(argv=None) -> dict:
+    parser, args = parse_args(argv)
+    if args.from_json:
+        if args.json:
+            parser.error("--from-json re-draws a recorded run; it does not take --json")
+        return replot(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
+    args.workload = args.workload or ("videovla-5b" if on_gpu else "tiny")
+    args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    args.backend = args.backend or ("inductor" if on_gpu else "eager")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = configs.get(args.workload)
+    every = variants(args)
+    chosen = select(every, args.rows)
+    if not chosen:
+        parser.error(f"--rows {','.join(args.rows)} matches no row; rows: {', '.join(v.name for v in every)}")
+
+    if not on_gpu and not args.allow_cpu_large:
+        params = count_parameters(cfg)
+        if params > CPU_PARAM_LIMIT:
+            parser.exit(2, f"wam_fast.bench: refusing to run {args.workload} on CPU: {params / 1e9:.2f} B "
+                           f"parameters are {params * 4 / 1e9:.0f} GB in fp32 and a sample-forward takes "
+                           f"minutes. Run it on a GPU, use --workload tiny, or pass --allow-cpu-large.\n")
+
+    env = environment(str(device))
+    options = {k: getattr(args, k) for k in ("workload", "dtype", "batch", "warmup", "repeats", "seed", "backend",
+                                             "steps", "rows", "ceiling")}
+    print("wam_fast bench: latency per action chunk")
+    print(format_environment(env, options), flush=True)
+    ceilings = None
+    if on_gpu:
+        published = design_ceilings(env["device"]) if args.ceiling == "design" else None
+        ceilings = ({**published, "bf16_source": "docs/design.md ceiling", "fp8_source": "docs/design.md ceiling"}
+                    if published else measure_ceilings(device))
+        print(f"floor     bf16 {ceilings['bf16_tflops']:.0f} TFLOP/s ({ceilings['bf16_source']}), FP8 "
+              + (f"{ceilings['fp8_tflops']:.0f} TFLOP/s" if ceilings.get("fp8_tflops") else "-")
+              + f" ({ceilings['fp8_source']})", flush=True)
+
+    result = {"device": env["device"], "workload": args.workload, "versions": versions(env), "environment": env,
+              "options": options, "complete": False, "rows": [],
+              "floor": None if ceilings is None else {
+                  **ceilings, "flops": "block linears + attention per chunk (wam_fast.cache.chunk_cost); FP8 rows: "
+                                       "linears at the FP8 rate, attention at bf16"}}
+    rows = result["rows"]
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(f"  {row['name']}: {row['latency_ms']:.2f} ms", flush=True)
+        add_speedups(rows)
+        if args.json:  # after every row: a run cut short (a time limit) keeps what it measured
+            write_json(args.json, result)
+
+    torch.manual_seed(args.seed)
+    teacher = build_model(cfg, device, DTYPES[args.dtype])
+    inputs = make_inputs(cfg, args.batch, device, DTYPES[args.dtype], args.seed)
+    for v in chosen:
+        if not v.student:
+            record(measure(v, teacher, inputs, cfg, args, device, ceilings))
+    groups = [[v for v in chosen if v.student and v.fp8 == fp8] for fp8 in (False, True)]
+    groups = [g for g in groups if g]
+    for i, group in enumerate(groups):
+        # one student per precision, holding the teacher's tensors (no copy); wam_fast.compile of the
+        # group's first policy compiles it, the others reuse it. Before the last group the teacher is
+        # dropped, so FP8 quantization (in place) frees the bf16 linears it replaces.
+        student = shortcut_student(teacher, args.steps, args.seed)
+        if i == len(groups) - 1:
+            del teacher
+        for v in group:
+            record(measure(v, student, inputs, cfg, args, device, ceilings))
+            if on_gpu:
+                torch.cuda.empty_cache()  # the row's policy (graphs, cache) is gone; keep peaks per row honest
+        del student
+
+    print()
+    print(format_table(args.workload, rows))
+    if not on_gpu:
+        print("(CPU: perf_counter medians; peak mem is the process's max RSS so far, not per row)")
+    paper = next((v for v in every if v.name == "paper-baseline"))
+    guided_rows = 2
+    costs = accounting(paper.steps, guided_rows * args.batch)
+    print(f"\nper action chunk of the paper baseline's teacher, {paper.steps} steps x {guided_rows * args.batch} rows "
+          f"(batch {args.batch}, cond + uncond), no history; block linears + attention (arithmetic from the configs):")
+    print(format_accounting(costs))
+    weights = weight_accounting()
+    print(f"\nW1 weights (meta-device arithmetic): bf16 {weights['bf16'] / 1e9:.2f} GB, FP8 backbone linears "
+          f"(quantize_fp8 default) {weights['fp8'] / 1e9:.2f} GB, FP8 with the AdaLN projections too "
+          f"{weights['fp8_with_adaln'] / 1e9:.2f} GB")
+    result.update(accounting=costs, weights_w1=weights, gpu_telemetry=gpu_telemetry(device), complete=True)
+    if args.json:
+        write_json(args.json, result)
+        print(f"\nwrote {args.json}")
+    emit_chart(result, chart_path(args))
+    return result

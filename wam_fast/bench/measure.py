@@ -1,0 +1,109 @@
+"""Measuring one bench row: the chunk it runs (the eager teacher through ``wam_fast.sample`` or the
+compiled student's ``WAMPolicy.act``), its timed latency, memory, FLOPs and floor, and the speedups
+over the baselines measured in the same run."""
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import torch
+
+import wam_fast
+from wam_fast.quant import tensor_bytes
+from wam_fast.bench.accounting import chunk_flops
+from wam_fast.bench.ceilings import floor_ms
+from wam_fast.bench.models import student_policy
+from wam_fast.bench.rows import BASELINES, Variant
+from wam_fast.bench.timing import percentile, time_calls
+
+
+def chunk_runner(variant: Variant, model: torch.nn.Module, inputs: dict, seed: int, backend: str = "eager"):
+    """(run_chunk, info) for ``variant``: run_chunk() produces one action chunk (the ActionChunk);
+    ``model`` is the teacher for baseline rows, the shortcut student for student rows. The policy's
+    reset(text) (once per instruction) runs here, outside any timing."""
+    if not variant.student:
+        kwargs = dict(sampler=variant.sampler, steps=variant.steps, cfg_scale=variant.cfg_scale,
+                      cfg_schedule=variant.cfg_schedule, seed=seed)
+
+        def run_chunk():
+            return wam_fast.sample(model, **inputs, **kwargs)
+
+        return run_chunk, {"compiled_with": "eager (wam_fast.sample)", "cache_bytes": 0, "fused_modules": 0,
+                           "fp8_layers": 0, "cuda_graphs": False, "timed_model": model}
+    policy, applied = student_policy(model, variant, seed, backend)
+    policy.reset(inputs["text"])
+
+    def run_chunk():
+        return policy.act(inputs["image"])
+
+    applied.update(cache_bytes=policy.cache_bytes, step_size=model.config.num_train_timesteps / variant.steps,
+                   timed_model=policy.model, policy=policy)
+    return run_chunk, applied
+
+
+def measure(variant: Variant, model, inputs: dict, cfg, args, device, ceilings: Optional[dict]) -> dict:
+    run_chunk, info = chunk_runner(variant, model, inputs, args.seed, args.backend)
+    chunks = []
+
+    def timed():
+        chunks.append(run_chunk())
+        if len(chunks) > 1:
+            chunks.pop(0)
+
+    first_ms = None
+    with torch.inference_mode():
+        if args.warmup:  # the first call compiles / captures: timed on its own
+            start = time.perf_counter()
+            timed()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_ms = (time.perf_counter() - start) * 1e3
+        times, peak = time_calls(timed, device, max(args.warmup - 1, 0), args.repeats)
+    flops = chunk_flops(cfg, variant, args.batch)
+    chunk = chunks[-1]
+    row = {
+        "name": variant.name,
+        "steps": variant.steps,
+        "fp8": variant.fp8,
+        "cache": variant.cache,
+        "latency_ms": round(percentile(times, 50), 3),
+        "p90_ms": round(percentile(times, 90), 3),
+        "peak_mem_bytes": int(peak),
+        # what the row runs (they differ row by row: see tests/test_bench.py)
+        "model": "shortcut student (mask=temporal)" if variant.student else "teacher (eager)",
+        "sampler": chunk.sampler,
+        "cfg_scale": variant.cfg_scale,
+        "cfg_schedule": variant.cfg_schedule,
+        "nfe": chunk.nfe,
+        "tokens": flops["tokens"],  # per chunk through the blocks (noisy tokens + the frame with the cache)
+        "tflop": round(flops["flops"] / 1e12, 6),
+        "compiled_with": info["compiled_with"],
+        "backend": info.get("backend", "eager"),
+        "levers": info.get("levers", []),
+        "first_call_ms": None if first_ms is None else round(first_ms, 3),  # includes compile / graph capture
+        "cuda_graphs": info["cuda_graphs"],
+        "fused_modules": info["fused_modules"],
+        "fp8_layers": info["fp8_layers"],
+        "cache_bytes": info["cache_bytes"],
+        "weight_bytes": tensor_bytes(info["timed_model"]),  # measured: the model's parameters and buffers
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "times_ms": [round(t, 4) for t in times],
+    }
+    if variant.student:
+        row["step_size"] = info["step_size"]
+    if ceilings is not None:
+        floor = floor_ms(flops, variant.fp8, ceilings)
+        row["floor_ms"] = None if floor is None else round(floor, 4)
+        row["pct_of_floor"] = None if floor is None else round(100.0 * floor / row["latency_ms"], 2)
+    return row
+
+
+def add_speedups(rows: List[dict]) -> None:
+    """row["speedups"][baseline] = baseline median / this row's median, both measured in this run."""
+    by_name = {r["name"]: r for r in rows}
+    for row in rows:
+        row["speedups"] = {b: round(by_name[b]["latency_ms"] / row["latency_ms"], 3)
+                           for b in BASELINES if b in by_name and b != row["name"]}

@@ -1,0 +1,110 @@
+"""What a bench row runs: the random-weight teacher built on the target device and dtype, its
+shortcut student sharing the teacher's tensors, the inputs, and the compiled ``WAMPolicy`` of a student row."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+import wam_fast
+from wam_fast.compiler import CompileConfig, compile, compile_report
+from wam_fast.quant import fp8_layers, quantize_fp8
+from wam_fast.bench.rows import DEFAULT_STEPS, Variant
+
+
+def temporal_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The mask="temporal" model with the same parameter tensors (no copy)."""
+    config = dataclasses.replace(model.config, mask="temporal")
+    with torch.device("meta"):
+        twin = wam_fast.WAMTransformer(config)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    return twin.eval()
+
+
+def shortcut_student(model: torch.nn.Module, steps=DEFAULT_STEPS, seed: int = 0) -> torch.nn.Module:
+    """A shortcut student of ``model``'s backbone for latency: mask="temporal", distillation="shortcut",
+    distilled_steps = sorted(steps). It holds the teacher's parameter tensors (no copy: W1 would need
+    11 GB more) plus its own step-size embedding, drawn at random (its last linear is zero in a
+    fresh student; values do not change latency, so it is drawn like any weight here)."""
+    config = dataclasses.replace(model.config, mask="temporal", distillation="shortcut",
+                                 distilled_steps=tuple(sorted(set(int(s) for s in steps))))
+    with torch.device("meta"):
+        student = wam_fast.WAMTransformer(config)
+    result = student.load_state_dict(model.state_dict(), strict=False, assign=True)
+    if result.unexpected_keys or any(not k.startswith("step_embed.") for k in result.missing_keys):
+        raise RuntimeError(f"shortcut_student: the student's parameters should be the teacher's plus step_embed.*; "
+                           f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    param = next(model.parameters())
+    generator = torch.Generator("cpu").manual_seed(seed)
+    for name in result.missing_keys:
+        parent_name, _, attr = name.rpartition(".")
+        parent = student.get_submodule(parent_name)
+        meta = getattr(parent, attr)
+        value = torch.randn(meta.shape, generator=generator) * 0.02 if meta.dim() > 1 else torch.zeros(meta.shape)
+        setattr(parent, attr, torch.nn.Parameter(value.to(param.device, param.dtype), requires_grad=False))
+    return student.eval().requires_grad_(False)
+
+
+def quantize_fp8_in_place(model: torch.nn.Module) -> torch.nn.Module:
+    """FP8 e4m3 backbone linears (default FP8Config: dynamic per-token activations)."""
+    return quantize_fp8(model)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    # Scoped: parameters are created directly in `dtype`, and the global default is restored.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def count_parameters(cfg) -> int:
+    """Parameter count from a meta-device build: no memory, no initialisation."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in wam_fast.WAMTransformer(cfg).parameters())
+
+
+def build_model(cfg, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    # Built on the target device in the target dtype: W1 in fp32 would be 22 GB before any cast.
+    with torch.device(device), default_dtype(dtype):
+        model = wam_fast.WAMTransformer(cfg)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(cfg, batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    generator = torch.Generator("cpu").manual_seed(seed)
+    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=generator)
+    image = torch.randn(batch, 1, cfg.latent_channels, cfg.latent_height, cfg.latent_width,
+                        generator=generator)
+    return {"text": text.to(device, dtype), "image": image.to(device, dtype)}
+
+
+def student_policy(student: torch.nn.Module, variant: Variant, seed: int, backend: str):
+    """The ``WAMPolicy`` a student row times, compiled by ``wam_fast.compile`` (fused ops, FP8 or not,
+    the KV cache or not, CUDA graphs where CUDA is), and what was applied ({"levers", ...}).
+
+    The first policy compiles ``student`` itself (torch.compile is per model, so rows of one precision
+    share its compiled graphs); a later policy with another FP8 setting needs another student."""
+    try:
+        previous = compile_report(student)
+    except ValueError:  # not compiled yet
+        previous = None
+    if previous is not None and previous.config.fp8 != variant.fp8:
+        raise RuntimeError(f"{variant.name}: this student was compiled with fp8={previous.config.fp8}; "
+                           f"build another shortcut_student for fp8={variant.fp8}")
+    policy = wam_fast.WAMPolicy(student, steps=variant.steps, sampler=variant.sampler, cache=variant.cache,
+                                history=0, seed=seed, cfg_scale=variant.cfg_scale)
+    compile(policy, CompileConfig(fused=True, fp8=variant.fp8, cache=variant.cache, backend=backend))
+    model, report = policy.model, compile_report(policy)
+    fused_modules = sum(type(m).__name__.startswith("Fused") for m in model.modules())
+    cuda_graphs = any(where == "cuda_graphs" for where, _ in report.applied)
+    compiled = any(where == "torch.compile" for where, _ in compile_report(model).applied)
+    levers = [name for name, on in (("fused", fused_modules > 0), ("fp8", bool(fp8_layers(model))),
+                                    ("kv-cache", policy.cache is not None), ("torch.compile", compiled),
+                                    ("cuda-graphs", cuda_graphs)) if on]
+    return policy, {"compiled_with": "wam_fast.compile", "backend": backend, "levers": levers,
+                    "cuda_graphs": cuda_graphs, "fused_modules": fused_modules, "fp8_layers": len(fp8_layers(model))}
