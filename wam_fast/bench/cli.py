@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 
 from wam_fast import configs
-from wam_fast.env import environment, versions
+from wam_fast.utils.environment import environment, versions
 from wam_fast.bench.accounting import accounting, weight_accounting
 from wam_fast.bench.ceilings import design_ceilings, measure_ceilings
 from wam_fast.bench.measure import add_speedups, measure

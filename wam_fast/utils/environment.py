@@ -52,8 +52,8 @@ def cpu_name() -> str:
 def _nvml_info(torch_index: int) -> dict:
     """Driver and clocks from NVML; empty when NVML is not there."""
     try:
-        return nvml.query(torch_index, ("driver", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz",
-                                        "power_limit_w"))
+        return nvml.query(("driver", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "power_limit_w"),
+                          torch_index)
     except nvml.NvmlUnavailable:
         return {}
 

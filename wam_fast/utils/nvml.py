@@ -28,8 +28,9 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def query(torch_index: int, keys: Sequence[str]) -> dict:
-    """The readings ``keys`` (names in READINGS) of the GPU torch calls ``cuda:torch_index``."""
+def query(keys: Sequence[str], device=None) -> dict:
+    """The readings ``keys`` (names in READINGS) of a torch CUDA device (an index, "cuda:N" or a
+    torch.device; None: the current one)."""
     import torch
 
     try:
@@ -41,6 +42,9 @@ def query(torch_index: int, keys: Sequence[str]) -> dict:
     except Exception as exc:  # no driver: NVML raises its own error types
         raise NvmlUnavailable(f"NVML did not initialise ({type(exc).__name__}: {exc})") from None
     try:
+        device = torch.device("cuda", device) if isinstance(device, int) else device
+        torch_index = torch.device(device).index if device is not None and torch.device(device).index is not None \
+            else torch.cuda.current_device()
         try:  # match by UUID: CUDA_VISIBLE_DEVICES may renumber devices between torch and NVML
             uuid = str(torch.cuda.get_device_properties(torch_index).uuid)
             handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
