@@ -17,6 +17,7 @@ from typing import Dict, Mapping
 import torch
 
 from wam_fast.configs import WAMConfig
+from wam_fast.models.transformer import WAMTransformer
 
 # modules of a WAMTransformer that a CogVideoX checkpoint does not have
 ACTION_PREFIXES = ("action_embed.", "action_out_norm.", "action_proj.")
@@ -119,8 +120,6 @@ def wam_from_cogvideox_state_dict(state_dict: Mapping[str, torch.Tensor], diffus
     checkpoint's config.json), with fresh action modules, on the state_dict's device and dtype.
     diffusers is not needed. ``layout``: text_len, latent_frames, latent_height, latent_width, name
     (see ``config_from_cogvideox``)."""
-    from wam_fast.models.transformer import WAMTransformer
-
     config = config_from_cogvideox(diffusers_config, action_len=action_len, action_dim=action_dim, **layout)
     weights = cogvideox_state_dict_to_wam(state_dict, config.num_layers)
     first = next(iter(weights.values()))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from wam_fast.configs import WAMConfig
 from wam_fast.models import checkpoint
 from wam_fast.models.layout import SegmentLayout, build_layout
+from wam_fast.models.validation import check_forward_inputs
 from wam_fast.ops import reference as WF
 
 
@@ -323,8 +324,6 @@ class WAMTransformer(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, video, text, actions, timestep, image=None, history=None, robot_id=None, step_size=None):
-        from wam_fast.models.validation import check_forward_inputs
-
         c = self.config
         timestep, layout, step_size = check_forward_inputs(self, video, text, actions, timestep, image, history,
                                                            robot_id, step_size)

@@ -11,6 +11,7 @@ import platform
 import subprocess
 from typing import Optional
 
+from wam_fast import __version__
 from wam_fast.utils import nvml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,8 +65,6 @@ def environment(device: Optional[str] = None) -> dict:
     ``device`` is "cuda", "cuda:N" or "cpu"; by default the first GPU if there is one.
     """
     import torch
-
-    from wam_fast import __version__
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
