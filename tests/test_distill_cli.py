@@ -20,8 +20,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import wam_fast
-from wam_fast.distill.cli import demo_config, main, run_demo
-from wam_fast.distill.data import LatentDataset, make_synthetic_dataset, synthetic_task, write_dataset
+from wam_fast.distill.cli import main
+from wam_fast.distill.data import LatentDataset, write_dataset
+from wam_fast.distill.demo import demo_config, run_demo
+from wam_fast.distill.synthetic import make_synthetic_dataset, synthetic_task
 from wam_fast.distill.evaluate import evaluate, format_table
 from wam_fast.distill.objectives import make_student
 from wam_fast.schedules import schedule_for

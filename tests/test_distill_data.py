@@ -10,8 +10,9 @@ import torch
 
 import wam_fast
 from wam_fast.distill import data as D
-from wam_fast.distill.data import (DatasetWriter, LatentDataset, make_synthetic_dataset, row_seed,
-                                   synthetic_task, teacher_rollout, write_dataset)
+from wam_fast.distill.data import DatasetWriter, LatentDataset, row_seed, write_dataset
+from wam_fast.distill.rollout import teacher_rollout
+from wam_fast.distill.synthetic import make_synthetic_dataset, synthetic_task
 
 
 @pytest.fixture(autouse=True)

@@ -445,7 +445,8 @@ def test_real_diffusion_objective_on_latent_dataset(tmp_path):
     """wam_fast.distill's DiffusionObjective on a LatentDataset (2 micro-batches): trains, writes
     a loadable final/, and a run stopped at step 2 and resumed ends where an uninterrupted one does."""
     import wam_fast
-    from wam_fast.distill.data import LatentDataset, make_synthetic_dataset
+    from wam_fast.distill.data import LatentDataset
+    from wam_fast.distill.synthetic import make_synthetic_dataset
     from wam_fast.distill.objectives import DiffusionObjective
 
     config = wam_fast.configs.get("tiny")
