@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from wam_fast.checkpoint import atomic_write, load_pretrained
+from wam_fast.utils.files import atomic_write, load_pretrained
 from wam_fast.distill import objectives, trainer
 from wam_fast.distill.data import FIELDS, INDEX_NAME, LatentDataset
 from wam_fast.distill.evaluate import evaluate, format_table

@@ -97,7 +97,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from wam_fast.checkpoint import atomic_write
+from wam_fast.utils.files import atomic_write
 # The format's constants and the reader live in lower modules; they are named here too, where the
 # format is described (LatentDataset, FIELDS, INDEX_NAME, ... from wam_fast.distill.data).
 from wam_fast.distill.dataset_format import (DEFAULT_SHARD_SIZE, DTYPE_NAMES, FIELDS, FLOAT_DTYPES, FORMAT,

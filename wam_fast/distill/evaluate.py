@@ -279,9 +279,9 @@ def _sample_rows(model, tensors, row_conditions: torch.Tensor, sampler_seeds: Se
     # One row at a time when the sampler draws noise inside the loop (see the module docstring).
     chunk = 1 if sampler in STOCHASTIC_SAMPLERS and steps > 1 else batch_size
     if chunk == 1 and batch_size > 1:
-        from wam_fast.ops._registry import _note_fallback
+        from wam_fast.ops.registry import note_fallback
 
-        _note_fallback("distill.evaluate", "one row per sample() call",
+        note_fallback("distill.evaluate", "one row per sample() call",
                        [f"sampler {sampler!r} with {steps} steps draws noise for the whole batch during sampling"])
     actions, future, nfe = [], [], 0
     for start in range(0, len(sampler_seeds), chunk):

@@ -1,4 +1,4 @@
-"""Training objectives of ``wam_fast.distill`` (DESIGN.md section 7) and ``make_student``.
+"""Training objectives of ``wam_fast.distill`` (docs/design.md, Distillation) and ``make_student``.
 
 Every objective has the same two methods, which is all the trainer (``wam_fast.distill.trainer``)
 knows of it:
@@ -125,7 +125,7 @@ def _check_batch(batch: Dict[str, torch.Tensor]) -> None:
     missing = [name for name in REQUIRED_FIELDS if name not in batch]
     if missing:
         raise ValueError(f"a training batch needs {list(REQUIRED_FIELDS)}, missing {missing} (a conditions-only "
-                         "dataset needs teacher targets first: wam_fast.distill.data.teacher_rollout)")
+                         "dataset needs teacher targets first: wam_fast.distill.rollout.teacher_rollout)")
 
 
 def clean_targets(config: WAMConfig, batch) -> torch.Tensor:

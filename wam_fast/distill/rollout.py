@@ -15,7 +15,7 @@ import wam_fast.sampling as sampling
 from wam_fast.distill.data import DatasetWriter, row_seed
 from wam_fast.distill.dataset_format import DEFAULT_SHARD_SIZE, PathLike, check_shard_size
 from wam_fast.distill.dataset_reader import LatentDataset
-from wam_fast.ops._registry import _note_fallback
+from wam_fast.ops.registry import note_fallback
 
 # Samplers whose only randomness is the initial noise: a batch of rows gives each row what sampling it
 # alone would. The others (dpm++2m-sde, consistency with > 1 step) draw noise for the whole batch
@@ -92,7 +92,7 @@ def teacher_rollout(teacher, conditions, directory: PathLike, *, sampler: Option
     teacher_history = config.history_frames if config.mask == "temporal" else 0
     use_noise = _deterministic(sampler, steps) and "noise" in inspect.signature(sampling.sample).parameters
     if not use_noise:
-        _note_fallback("distill.teacher_rollout", "per-row sampling", [
+        note_fallback("distill.teacher_rollout", "per-row sampling", [
             f"sampler {sampler!r} with {steps} steps draws noise for the whole batch during sampling"
             if not _deterministic(sampler, steps) else "wam_fast.sample has no noise= argument"])
     step = batch_size if use_noise else 1
