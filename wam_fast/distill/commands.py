@@ -15,13 +15,14 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from wam_fast.utils.files import atomic_write, load_pretrained
 from wam_fast.distill import objectives, trainer
 from wam_fast.distill.data import FIELDS, INDEX_NAME, LatentDataset
 from wam_fast.distill.evaluate import evaluate, format_table
 from wam_fast.distill.objectives import check_teacher_student
 from wam_fast.distill.rollout import teacher_rollout
+from wam_fast.models.transformer import load_pretrained
 from wam_fast.sampling import default_options
+from wam_fast.utils.files import atomic_write
 
 METHODS = ("shortcut", "consistency")
 MASKS = ("temporal", "full")

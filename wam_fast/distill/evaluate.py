@@ -53,6 +53,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from wam_fast.configs import WAMConfig
+from wam_fast.distill.objectives import check_teacher_student
+from wam_fast.ops.registry import note_fallback
+from wam_fast.sampling import default_options, sample
+
 # Samplers that draw fresh noise inside the loop (at more than one step).
 STOCHASTIC_SAMPLERS = ("consistency", "dpm++2m-sde")
 CONDITION_FIELDS = ("text", "image", "history", "robot_id")
@@ -174,7 +179,6 @@ def format_table(report: EvalReport) -> str:
 
 # ---- checks ---------------------------------------------------------------------------------------
 def _check_model(name: str, model) -> None:
-    from wam_fast.configs import WAMConfig
 
     if not isinstance(getattr(model, "config", None), WAMConfig) or not callable(model):
         raise TypeError(f"{name} must be a WAMTransformer, got {type(model).__name__}")
@@ -270,7 +274,6 @@ class _Run:
 
 def _sample_rows(model, tensors, row_conditions: torch.Tensor, sampler_seeds: Sequence[int], noises, *,
                  sampler: str, steps: int, cfg_scale: float, batch_size: int) -> _Run:
-    from wam_fast.sampling import sample
 
     config = model.config
     param = next(model.parameters())
@@ -279,7 +282,6 @@ def _sample_rows(model, tensors, row_conditions: torch.Tensor, sampler_seeds: Se
     # One row at a time when the sampler draws noise inside the loop (see the module docstring).
     chunk = 1 if sampler in STOCHASTIC_SAMPLERS and steps > 1 else batch_size
     if chunk == 1 and batch_size > 1:
-        from wam_fast.ops.registry import note_fallback
 
         note_fallback("distill.evaluate", "one row per sample() call",
                        [f"sampler {sampler!r} with {steps} steps draws noise for the whole batch during sampling"])
@@ -339,8 +341,6 @@ def evaluate(teacher, student, conditions, *, steps: Optional[Sequence[int]] = N
     data       optional targets (dict with future / actions, or a LatentDataset) aligned with conditions
     noise_seed seeds every row's noise generator
     """
-    from wam_fast.distill.objectives import check_teacher_student
-    from wam_fast.sampling import default_options
 
     _check_model("teacher", teacher)
     _check_model("student", student)
