@@ -15,11 +15,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from wam_fast.checkpoint import atomic_write, save_pretrained
 from wam_fast.distill import train_state as ts
 from wam_fast.distill.distributed import Dist, full_options, full_state_dict
 from wam_fast.distill.train_config import RESUMABLE_FIELDS, TrainConfig
-from wam_fast.models.transformer import WAMTransformer
+from wam_fast.models.transformer import WAMTransformer, save_pretrained
+from wam_fast.utils.files import atomic_write
 
 FINAL_DIR, FINAL_ONLINE_DIR = "final", "final-online"
 

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from wam_fast.checkpoint import _fsync_dir, atomic_write, plain_mode
+from wam_fast.utils.files import atomic_write, fsync_dir, plain_mode
 
 logger = logging.getLogger("wam_fast.distill")
 
@@ -121,14 +121,14 @@ def write_checkpoint(out_dir: PathLike, step: int, tensors: Dict[str, Dict[str, 
         state_path = tmp / STATE_NAME  # written last: its presence marks a complete directory
         state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         _fsync_file(state_path)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step written again (e.g. a rerun that found nothing to do)
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write(root / LATEST_NAME, lambda p: Path(p).write_text(name + "\n"))
     for _, old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
