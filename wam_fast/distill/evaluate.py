@@ -56,7 +56,7 @@ import torch
 from wam_fast.configs import WAMConfig
 from wam_fast.distill.objectives import check_teacher_student
 from wam_fast.ops.registry import note_fallback
-from wam_fast.sampling import default_options, sample
+from wam_fast import sampling
 
 # Samplers that draw fresh noise inside the loop (at more than one step).
 STOCHASTIC_SAMPLERS = ("consistency", "dpm++2m-sde")
@@ -296,10 +296,10 @@ def _sample_rows(model, tensors, row_conditions: torch.Tensor, sampler_seeds: Se
             inputs["robot_id"] = tensors["robot_id"][rows].to(device=device, dtype=torch.long)
         video_noise = torch.stack([noises[i][0] for i in range(start, start + len(rows))])
         action_noise = torch.stack([noises[i][1] for i in range(start, start + len(rows))])
-        out = sample(model, inputs["text"], inputs["image"], sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                     seed=sampler_seeds[start] if chunk == 1 else 0, return_video=True,
-                     history=inputs.get("history"), robot_id=inputs.get("robot_id"),
-                     noise=(video_noise[:, video_noise.shape[1] - noisy_frames:], action_noise))
+        out = sampling.sample(model, inputs["text"], inputs["image"], sampler=sampler, steps=steps,
+                              cfg_scale=cfg_scale, seed=sampler_seeds[start] if chunk == 1 else 0, return_video=True,
+                              history=inputs.get("history"), robot_id=inputs.get("robot_id"),
+                              noise=(video_noise[:, video_noise.shape[1] - noisy_frames:], action_noise))
         actions.append(out.actions.float().cpu())
         future.append(_future(config, out.video.float().cpu()))
         nfe = out.nfe
@@ -362,14 +362,14 @@ def evaluate(teacher, student, conditions, *, steps: Optional[Sequence[int]] = N
     if not steps or list(steps) != sorted(set(steps)):
         raise ValueError(f"steps must be a non-empty, strictly increasing list of step counts, got {steps}")
 
-    ref_sampler, ref_steps, ref_cfg = default_options(teacher.config)
+    ref_sampler, ref_steps, ref_cfg = sampling.default_options(teacher.config)
     ref_sampler = teacher_sampler if teacher_sampler is not None else ref_sampler
     ref_steps = teacher_steps if teacher_steps is not None else ref_steps
     if cfg_scale is None:
         cfg_scale = sc.distilled_cfg_scale if distilled else ref_cfg
     cfg_scale = float(cfg_scale)
     if distilled:
-        student_sampler, _, _ = default_options(sc)
+        student_sampler, _, _ = sampling.default_options(sc)
         student_cfg = 1.0
     else:
         student_sampler, student_cfg = ref_sampler, cfg_scale
