@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from wam_fast.eval import autoencoder, fidelity
+from wam_fast.eval import autoencoder, fidelity, stages
 from wam_fast.eval import metaworld as mw
+from wam_fast.eval.results import RESULTS_DIR, markdown_table, plot, targets
+from wam_fast.eval.rollout import make_policy, run_episodes, wilson_interval
+from wam_fast.eval.settings import MODELS, TASK_SETTINGS, Settings, model_config
 
 needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
                                      reason='Meta-World is not installed: pip install "wam_fast[sim]"')
@@ -51,7 +54,7 @@ def test_missing_metaworld_names_the_install_line(monkeypatch):
     (0, 50, (0.0, 0.0713)), (50, 50, (0.9287, 1.0)), (25, 50, (0.3664, 0.6336)), (45, 50, (0.7864, 0.9565)),
     (1, 2, (0.0945, 0.9055))])
 def test_wilson_interval_known_values(wins, trials, expected):
-    lo, hi = fidelity.wilson_interval(wins, trials)
+    lo, hi = wilson_interval(wins, trials)
     assert (lo, hi) == pytest.approx(expected, abs=1e-4)
     assert lo <= wins / trials <= hi
 
@@ -59,7 +62,7 @@ def test_wilson_interval_known_values(wins, trials, expected):
 def test_wilson_interval_rejects_bad_counts():
     for wins, trials in ((3, 2), (-1, 5), (0, 0)):
         with pytest.raises(ValueError, match="successes <= trials"):
-            fidelity.wilson_interval(wins, trials)
+            wilson_interval(wins, trials)
 
 
 def test_instruction_embedding_is_fixed_per_task():
@@ -100,39 +103,39 @@ def _results(teacher: float, **students: float) -> dict:
 
 
 def test_targets_compare_each_student_with_the_teacher():
-    out = fidelity.targets(_results(0.8, shortcut_1step=0.74, shortcut_2step=0.74, consistency_4step=0.8))
+    out = targets(_results(0.8, shortcut_1step=0.74, shortcut_2step=0.74, consistency_4step=0.8))
     assert out["teacher_learned"] is True
     assert out["shortcut-1step"] == {"kept_of_teacher": pytest.approx(0.925), "target": 0.9, "met": True}
     assert out["shortcut-2step"]["met"] is False  # 92.5% < 95%
     assert out["consistency-4step"]["met"] is True
-    assert fidelity.targets(_results(0.5))["teacher_learned"] is False
+    assert targets(_results(0.5))["teacher_learned"] is False
 
 
 def test_markdown_table_lists_every_row_against_the_teacher():
-    table = fidelity.markdown_table(_results(0.8, shortcut_1step=0.6)).splitlines()
+    table = markdown_table(_results(0.8, shortcut_1step=0.6)).splitlines()
     assert len(table) == 4 and table[0].startswith("| push-v3 |")
     assert "| shortcut-1step | 1 | 60% " in table[3] and "| 75% |" in table[3]
 
 
 def test_task_settings_apply_to_the_full_and_the_smoke_run(monkeypatch):
-    push = fidelity.Settings.for_task("push-v3")  # see TASK_SETTINGS
+    push = Settings.for_task("push-v3")  # see TASK_SETTINGS
     assert push.noise_levels == (0.0, 0.03, 0.06, 0.1) and push.patch_size == 2
-    assert fidelity.Settings.for_task("drawer-open-v3") == fidelity.Settings(task="drawer-open-v3")
-    monkeypatch.setitem(fidelity.TASK_SETTINGS, "reach-v3", {"camera": "corner4", "patch_size": 8, "teacher_steps": 9})
-    smoke = fidelity.Settings.smoke("reach-v3")  # the task's camera and model, at the CI's sizes
+    assert Settings.for_task("drawer-open-v3") == Settings(task="drawer-open-v3")
+    monkeypatch.setitem(TASK_SETTINGS, "reach-v3", {"camera": "corner4", "patch_size": 8, "teacher_steps": 9})
+    smoke = Settings.smoke("reach-v3")  # the task's camera and model, at the CI's sizes
     assert (smoke.camera, smoke.patch_size) == ("corner4", 8)
     assert (smoke.episodes, smoke.teacher_steps, smoke.noise_levels) == (2, 3, (0.0,))
     assert (smoke.shortcut_distill_steps, smoke.consistency_distill_steps) == (2, 2)
     assert smoke.teacher_pretrain_steps == 0  # a stage the task does not have stays off in its smoke run
-    assert push.teacher_pretrain_steps > 0 and fidelity.Settings.smoke("push-v3").teacher_pretrain_steps == 2
-    assert push.latent_space == "autoencoder" and fidelity.Settings.smoke("push-v3").autoencoder_steps == 2
+    assert push.teacher_pretrain_steps > 0 and Settings.smoke("push-v3").teacher_pretrain_steps == 2
+    assert push.latent_space == "autoencoder" and Settings.smoke("push-v3").autoencoder_steps == 2
 
 
 def test_each_method_distils_for_its_own_number_of_steps():
-    settings = dataclasses.replace(fidelity.Settings(task="push-v3"), shortcut_distill_steps=300,
+    settings = dataclasses.replace(Settings(task="push-v3"), shortcut_distill_steps=300,
                                    consistency_distill_steps=150)
     for method, steps, ema, every in (("shortcut", "300", "0.99", "200"), ("consistency", "150", "0.5", "150")):
-        command = fidelity.distill_command(settings, Path("t"), Path("d"), Path("o"), method)
+        command = stages.distill_command(settings, Path("t"), Path("d"), Path("o"), method)
         value = {name: command[command.index(name) + 1] for name in ("--method", "--train-steps", "--ema-decay",
                                                                         "--checkpoint-every")}
         assert value == {"--method": method, "--train-steps": steps, "--ema-decay": ema, "--checkpoint-every": every}
@@ -141,27 +144,27 @@ def test_each_method_distils_for_its_own_number_of_steps():
 
 
 def test_model_config_follows_the_latent_space():
-    pixels = fidelity.model_config(fidelity.Settings(task="drawer-open-v3"))
+    pixels = model_config(Settings(task="drawer-open-v3"))
     assert (pixels.latent_channels, pixels.latent_height, pixels.patch_size) == (3, 64, 16)
-    latents = fidelity.model_config(fidelity.Settings(task="push-v3", latent_space="autoencoder", patch_size=2))
+    latents = model_config(Settings(task="push-v3", latent_space="autoencoder", patch_size=2))
     assert (latents.latent_channels, latents.latent_height, latents.latent_width) == (16, 8, 8)
     assert latents.tokens_per_frame == pixels.tokens_per_frame == 16
     with pytest.raises(ValueError, match=r"latent_space must be one of \('pixels', 'autoencoder'\), got 'vae'"):
-        fidelity.model_config(fidelity.Settings(task="push-v3", latent_space="vae"))
+        model_config(Settings(task="push-v3", latent_space="vae"))
 
 
 @pytest.mark.parametrize("task", ["push-v3", "drawer-open-v3"])
 def test_recorded_results_match_what_the_command_runs(task):
     # `python -m wam_fast.eval --task T` reproduces (and resumes) benchmarks/results/metaworld-T.json only
     # while its settings are the recorded ones.
-    results_dir = Path(__file__).resolve().parents[1] / fidelity.RESULTS_DIR
+    results_dir = Path(__file__).resolve().parents[1] / RESULTS_DIR
     recorded = json.loads((results_dir / f"metaworld-{task}.json").read_text())
-    assert recorded["settings"] == fidelity._jsonable(dataclasses.asdict(fidelity.Settings.for_task(task)))
-    assert [m["name"] for m in recorded["models"]] == [row.name for row in fidelity.MODELS]
+    assert recorded["settings"] == fidelity._jsonable(dataclasses.asdict(Settings.for_task(task)))
+    assert [m["name"] for m in recorded["models"]] == [row.name for row in MODELS]
 
 
 def test_chart_is_a_png(tmp_path):
-    path = fidelity.plot(_results(0.8, shortcut_1step=0.7), tmp_path / "chart.png")
+    path = plot(_results(0.8, shortcut_1step=0.7), tmp_path / "chart.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -266,11 +269,11 @@ def test_closed_loop_episodes_detect_success():
     envs = [mw.MetaWorldEnv("push-v3", "heldout") for _ in range(2)]
     text = mw.instruction_embedding("push-v3", 4, 32)
     try:
-        expert = fidelity.run_episodes(ExpertChunks(envs, "push-v3"), "push-v3", 2, horizon=150, execute=1,
-                                       text=text, envs=envs)
+        expert = run_episodes(ExpertChunks(envs, "push-v3"), "push-v3", 2, horizon=150, execute=1,
+                              text=text, envs=envs)
         assert expert.success == [True, True] and all(20 < s < 150 for s in expert.success_step)
-        idle = fidelity.run_episodes(ExpertChunks(envs, "push-v3", zero=True), "push-v3", 2, horizon=30,
-                                     execute=4, text=text, envs=envs)
+        idle = run_episodes(ExpertChunks(envs, "push-v3", zero=True), "push-v3", 2, horizon=30,
+                            execute=4, text=text, envs=envs)
         assert idle.success == [False, False] and idle.chunks == 30 // 4 + 1  # replans every 4 steps
     finally:
         for env in envs:
@@ -320,7 +323,7 @@ def test_smoke_run_writes_the_results_schema(smoke_run):
     results = json.loads(smoke_run.json.read_text())
     assert results["task"] == "push-v3" and results["episodes"] == 2
     names = [m["name"] for m in results["models"]]
-    assert names == [row.name for row in fidelity.MODELS] and names[0] == "teacher"
+    assert names == [row.name for row in MODELS] and names[0] == "teacher"
     for m in results["models"]:
         assert {"name", "steps", "success", "ci95", "episodes", "latency_ms"} <= set(m)
         assert m["episodes"] == 2 and m["success"] in (0.0, 0.5, 1.0)
@@ -348,22 +351,22 @@ def test_teacher_starts_from_its_regression_pretraining(smoke_run, tmp_path, mon
 
     demos = smoke_run.root / "work" / "push-v3" / "latents"
     # 1 teacher step at a negligible lr: the teacher must then hold the pretrained weights, not a fresh init
-    settings = dataclasses.replace(fidelity.Settings.smoke("push-v3"), teacher_pretrain_steps=2, teacher_steps=1,
+    settings = dataclasses.replace(Settings.smoke("push-v3"), teacher_pretrain_steps=2, teacher_steps=1,
                                    teacher_lr=1e-12, teacher_random_shift=2)
     made = []
     real_objective = objectives.DiffusionObjective
     monkeypatch.setattr(objectives, "DiffusionObjective", lambda *a, **k: made.append(real_objective(*a, **k)) or made[-1])
-    final = fidelity.train_teacher(settings, demos, tmp_path / "teacher", progress=False)
+    final = stages.train_teacher(settings, demos, tmp_path / "teacher", progress=False)
     assert [(o.timestep, o.video_weight, o.random_shift) for o in made] == [(999, 0.0, 2), (None, 1.0, 2)]
     teacher = wam_fast.load_pretrained(final).state_dict()
     pretrained = wam_fast.load_pretrained(tmp_path / "teacher" / "pretrain" / "final").state_dict()
     torch.manual_seed(settings.seed)
-    fresh = wam_fast.WAMTransformer(fidelity.model_config(settings)).state_dict()
+    fresh = wam_fast.WAMTransformer(model_config(settings)).state_dict()
     assert max((teacher[k].float() - pretrained[k].float()).abs().max().item() for k in teacher) < 1e-6
     assert max((teacher[k].float() - fresh[k].float()).abs().max().item() for k in teacher) > 1e-4
     metrics = [json.loads(line) for line in (tmp_path / "teacher" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["loss"] == pytest.approx(m["loss_actions"]) for m in metrics)  # the action loss only
-    assert fidelity.train_teacher(settings, demos, tmp_path / "teacher", progress=False) == final  # resumes
+    assert stages.train_teacher(settings, demos, tmp_path / "teacher", progress=False) == final  # resumes
 
 
 @needs_metaworld
@@ -381,18 +384,18 @@ def test_a_student_is_distilled_again_when_its_command_or_teacher_changes(smoke_
     work = smoke_run.root / "work" / "push-v3"
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     shutil.copytree(work / "teacher" / "final", teacher)
-    settings = fidelity.Settings.smoke("push-v3")
+    settings = Settings.smoke("push-v3")
     calls = []
-    monkeypatch.setattr(fidelity.subprocess, "run", lambda command, **kw: calls.append(command) or SimpleNamespace(returncode=0))
-    fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
-    fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
+    monkeypatch.setattr(stages.subprocess, "run", lambda command, **kw: calls.append(command) or SimpleNamespace(returncode=0))
+    stages.distill_student(settings, teacher, work / "latents", student, "shortcut")
+    stages.distill_student(settings, teacher, work / "latents", student, "shortcut")
     assert len(calls) == 1  # the same command and teacher: reused
     longer = dataclasses.replace(settings, shortcut_distill_steps=5)
-    fidelity.distill_student(longer, teacher, work / "latents", student, "shortcut")
+    stages.distill_student(longer, teacher, work / "latents", student, "shortcut")
     assert len(calls) == 2 and calls[1][calls[1].index("--train-steps") + 1] == "5"  # the CLI resumes or refuses
     shutil.copy(work / "student-shortcut" / "final" / "model.safetensors", teacher / "model.safetensors")
     with pytest.raises(ValueError, match=r"student of another teacher \(the weights in .* changed"):
-        fidelity.distill_student(settings, teacher, work / "latents", student, "shortcut")
+        stages.distill_student(settings, teacher, work / "latents", student, "shortcut")
     assert len(calls) == 2
 
 
@@ -403,15 +406,15 @@ def test_rows_build_the_policies_they_name(smoke_run):
     work = smoke_run.root / "work" / "push-v3"
     checkpoints = {"teacher": work / "teacher" / "final", "shortcut": work / "student-shortcut" / "final",
                    "consistency": work / "student-consistency" / "final", "autoencoder": work / "autoencoder" / "frozen"}
-    rows = {row.name: row for row in fidelity.MODELS}
-    teacher = fidelity.make_policy(rows["teacher"], checkpoints, 0)
+    rows = {row.name: row for row in MODELS}
+    teacher = make_policy(rows["teacher"], checkpoints, 0)
     assert teacher.cache is None and teacher.steps == 10 and teacher.cfg_scale == 1.0
     assert isinstance(teacher, autoencoder.EncodingPolicy)  # push-v3's WAMs work on autoencoder latents
     pixels = mw.image_to_latent(np.zeros((1, 64, 64, 3), np.uint8))[:, None]
     teacher.reset(mw.instruction_embedding("push-v3", 4, 32)[None])
     assert teacher.act(pixels).actions.shape == (1, 8, 4)
-    fp32 = fidelity.make_policy(rows["shortcut-2step"], checkpoints, 0)
-    fp8 = fidelity.make_policy(rows["shortcut-2step-fp8"], checkpoints, 0)
+    fp32 = make_policy(rows["shortcut-2step"], checkpoints, 0)
+    fp8 = make_policy(rows["shortcut-2step-fp8"], checkpoints, 0)
     assert fp32.cache is not None and fp32.steps == 2 and not fp8_layers(fp32.model)
     assert fp8.cache is not None and len(fp8_layers(fp8.model)) > 0
     assert fp8.model is not fp32.model  # FP8 quantizes a model of its own
@@ -422,14 +425,14 @@ def test_smoke_rerun_resumes_without_recomputing(smoke_run, monkeypatch):
     before = json.loads(smoke_run.json.read_text())
     calls = []
     monkeypatch.setattr(fidelity, "evaluate_row", lambda *a, **k: calls.append(a) or pytest.fail("re-evaluated"))
-    real_run = fidelity.subprocess.run
+    real_run = stages.subprocess.run
 
     def run(command, *args, **kwargs):
         if "wam_fast.distill" in command:
             pytest.fail("re-distilled")
         return real_run(command, *args, **kwargs)
 
-    monkeypatch.setattr(fidelity.subprocess, "run", run)
+    monkeypatch.setattr(stages.subprocess, "run", run)
     threads = torch.get_num_threads()
     try:
         assert fidelity.main(smoke_run.argv) == 0
@@ -530,7 +533,7 @@ def test_diagnose_command_reports_teacher_and_both_baselines(smoke_run, tmp_path
         torch.set_num_threads(threads)
     assert "autoencoder latents, not pixels: pass its autoencoder (--autoencoder" in capsys.readouterr().err
     report = json.loads(out.read_text())
-    assert report["camera"] == fidelity.Settings.for_task("push-v3").camera and report["environment"]["torch"]
+    assert report["camera"] == Settings.for_task("push-v3").camera and report["environment"]["torch"]
     assert report["command"].startswith("python -m wam_fast.eval.diagnose --task push-v3 --demos ")
     teacher = report["teachers"][str(work / "teacher" / "final")]
     assert set(teacher) == {"1step", "10step"} and teacher["1step"]["layouts"] == 3

@@ -30,6 +30,10 @@ from typing import Dict
 import torch
 from torch import nn
 
+from wam_fast.checkpoint import atomic_write
+from wam_fast.distill import trainer
+from wam_fast.distill.data import DatasetWriter, LatentDataset
+
 DOWNSAMPLE = 8  # three stride-2 convs: 64x64 pixels -> 8x8 latent cells
 
 
@@ -150,9 +154,6 @@ def train_autoencoder(demos: Path, directory: Path, train_config, *, channels: i
                       action_weight: float = 1.0) -> Path:
     """Train (or resume) the autoencoder on the pixel demos in ``directory``, freeze it with the latent
     statistics of the demos and save it to ``directory/frozen`` (returned)."""
-    from wam_fast.checkpoint import atomic_write
-    from wam_fast.distill import trainer
-    from wam_fast.distill.data import LatentDataset
     from safetensors.torch import save_file
 
     dataset = LatentDataset(demos)
@@ -204,8 +205,6 @@ def load_autoencoder(directory: Path, normalised: bool = True) -> FrameAutoencod
 
 def encode_demos(autoencoder: FrameAutoencoder, demos: Path, directory: Path) -> Path:
     """The pixel demos with ``image``, ``future`` and ``history`` frames encoded (the rest copied)."""
-    from wam_fast.distill.data import DatasetWriter, LatentDataset
-
     dataset = LatentDataset(demos)
     metadata = dict(dataset.metadata, latent_space={"kind": "autoencoder", "config": autoencoder.config.to_dict()})
     writer = DatasetWriter(directory, overwrite=True)

@@ -11,7 +11,7 @@
    evaluated closed loop like the teacher. If it succeeds where the teacher does not, the gap is the
    teacher's latent space or capacity, not the data or the 64x64 camera.
 3. ``wam_regression_baseline``: is it the diffusion objective or the network? The pixel-patch teacher
-   WAMTransformer (``fidelity.model_config`` with pixels, patch 16) trained on the action loss at the last timestep only,
+   WAMTransformer (``settings.model_config`` with pixels, patch 16) trained on the action loss at the last timestep only,
    where every noisy input is pure noise (zero terminal SNR): a deterministic regressor of the chunk,
    trained like the conv baseline. If it does not read the layout either, the network is the gap.
 """
@@ -30,7 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
+import wam_fast
+from wam_fast.checkpoint import atomic_write
+from wam_fast.distill import objectives
+from wam_fast.distill.data import LatentDataset
+from wam_fast.eval import autoencoder as frame_autoencoder
 from wam_fast.eval import metaworld as mw
+from wam_fast.eval.results import environment
+from wam_fast.eval.rollout import run_episodes, wilson_interval
+from wam_fast.eval.settings import Settings, model_config
 
 
 def first_action_spread(act_first: Callable[[torch.Tensor], np.ndarray], task: str, *, layouts: int = 50,
@@ -64,9 +72,6 @@ def teacher_first_action(checkpoint: Path, task: str, steps: int, seed: int = 0,
                          autoencoder: Optional[Path] = None) -> Callable:
     """``act_first`` of a saved WAM (sampled with ``steps`` steps, a fresh policy and seed per call); a WAM
     over autoencoder latents needs its frozen autoencoder (``OUT/<task>/autoencoder/frozen``)."""
-    import wam_fast
-    from wam_fast.eval import autoencoder as frame_autoencoder
-
     model = wam_fast.load_pretrained(checkpoint).float().eval()
     text = mw.instruction_embedding(task, model.config.text_len, model.config.text_dim)
     if autoencoder is None and model.config.latent_channels != 3:
@@ -107,7 +112,7 @@ class ConvPolicy(nn.Module):
 
 
 class ConvPolicyRunner:
-    """``reset(text)`` / ``act(latents) -> .actions``, as ``fidelity.run_episodes`` drives a WAMPolicy."""
+    """``reset(text)`` / ``act(latents) -> .actions``, as ``rollout.run_episodes`` drives a WAMPolicy."""
 
     def __init__(self, net: ConvPolicy):
         self.net = net.eval()
@@ -142,8 +147,6 @@ def _fit(name: str, module: nn.Module, batch_loss: Callable, rows: int, *, steps
 def train_conv_bc(demos: Path, *, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0,
                   log: Callable[[str], None] = print) -> tuple:
     """Regress a ConvPolicy onto the demos' expert chunks (MSE, AdamW, one-cycle lr); returns (net, last loss)."""
-    from wam_fast.distill.data import LatentDataset
-
     dataset = LatentDataset(demos)
     data = dataset.get(list(range(len(dataset))))
     images, actions = data["image"][:, 0].float(), data["actions"].float()
@@ -161,19 +164,17 @@ def train_conv_bc(demos: Path, *, steps: int, batch: int = 64, lr: float = 1e-3,
 def conv_bc_baseline(task: str, demos: Path, *, steps: int = 3000, episodes: int = 30, horizon: int = 200,
                      execute: int = 4, layouts: int = 50, camera: str = mw.CAMERA, seed: int = 0) -> dict:
     """Train the conv baseline on ``demos``; held-out closed-loop success and first-action spread."""
-    from wam_fast.eval import fidelity
-
     start = time.perf_counter()
     net, loss = train_conv_bc(demos, steps=steps, seed=seed)
     train_s = time.perf_counter() - start
-    result = fidelity.run_episodes(ConvPolicyRunner(net), task, episodes, horizon=horizon, execute=execute,
-                                   text=torch.zeros(1, 1, 1), camera=camera)
+    result = run_episodes(ConvPolicyRunner(net), task, episodes, horizon=horizon, execute=execute,
+                          text=torch.zeros(1, 1, 1), camera=camera)
     wins = sum(result.success)
     with torch.no_grad():
         spread = first_action_spread(lambda latent: net(latent[:, 0])[0, 0].numpy(), task, layouts=layouts,
                                      camera=camera)
     return {"steps": steps, "final_loss": loss, "train_s": round(train_s, 1), "episodes": episodes,
-            "successes": wins, "success": wins / episodes, "ci95": list(fidelity.wilson_interval(wins, episodes)),
+            "successes": wins, "success": wins / episodes, "ci95": list(wilson_interval(wins, episodes)),
             "first_action": spread}
 
 
@@ -182,14 +183,8 @@ def wam_regression_baseline(task: str, demos: Path, *, steps: int = 1500, batch:
                             log: Callable[[str], None] = print) -> dict:
     """Train the task's teacher network as a regressor of the chunk (module docstring, 3); its final
     action MSE and first-action spread. At alpha 0 the v-prediction target is -x0."""
-    import wam_fast
-    from wam_fast.distill import objectives
-    from wam_fast.distill.data import LatentDataset
-    from wam_fast.eval import fidelity
-
     # the pixel-patch network (the demos are pixels), as in the recorded diagnosis files
-    config = fidelity.model_config(dataclasses.replace(fidelity.Settings.for_task(task), latent_space="pixels",
-                                                       patch_size=16))
+    config = model_config(dataclasses.replace(Settings.for_task(task), latent_space="pixels", patch_size=16))
     torch.manual_seed(seed)
     model = wam_fast.WAMTransformer(config)
     dataset = LatentDataset(demos)
@@ -231,14 +226,10 @@ def _demos_camera(demos: Optional[str]) -> Optional[str]:
     """The camera a demos dataset of ``python -m wam_fast.eval`` was rendered with (None if unknown)."""
     if not demos:
         return None
-    from wam_fast.distill.data import LatentDataset
-
     return LatentDataset(demos).metadata.get("metaworld", {}).get("camera")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from wam_fast.eval import fidelity
-
     parser = argparse.ArgumentParser(prog="python -m wam_fast.eval.diagnose", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, help="an MT1 task name, e.g. push-v3")
@@ -249,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--autoencoder", help="the frozen autoencoder of --checkpoint teachers over autoencoder "
                                               "latents (OUT/<task>/autoencoder/frozen)")
     parser.add_argument("--camera", default=None, help="default: the demos' camera, else the task's in "
-                                                       "fidelity.TASK_SETTINGS")
+                                                       "eval.settings.TASK_SETTINGS")
     parser.add_argument("--conv-bc-steps", type=int, default=3000, help="training steps of the conv baseline "
                                                                           "(0: skip it)")
     parser.add_argument("--wam-regression-steps", type=int, default=1500,
@@ -267,9 +258,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value < least:
             parser.error(f"{flag} must be >= {least}, got {value}")
     torch.set_num_threads(args.threads)
-    camera = args.camera or _demos_camera(args.demos) or fidelity.Settings.for_task(args.task).camera
+    camera = args.camera or _demos_camera(args.demos) or Settings.for_task(args.task).camera
     command = " ".join(["python -m wam_fast.eval.diagnose", *(sys.argv[1:] if argv is None else argv)])
-    report = {"task": args.task, "camera": camera, "command": command, "environment": fidelity.environment()}
+    report = {"task": args.task, "camera": camera, "command": command, "environment": environment()}
     for checkpoint in args.checkpoint:
         try:
             acts = {steps: teacher_first_action(Path(checkpoint), args.task, steps,
@@ -291,8 +282,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        from wam_fast.checkpoint import atomic_write
-
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text + "\n"))
     return 0
 

@@ -37,6 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from wam_fast.distill.data import DatasetWriter
+
 logger = logging.getLogger("wam_fast.eval")
 
 INSTALL = 'pip install "wam_fast[sim]"  (or: pip install metaworld packaging)'
@@ -233,8 +235,6 @@ def collect_demos(task: str, directory: Union[str, Path], *, chunk: int, text_le
     """Scripted-expert demonstrations on the train layouts (MT1 seed 0) -> a LatentDataset in ``directory``
     (float16 pixel latents; fields text, image, future, actions). One episode per (layout, noise level);
     episodes where the expert fails are dropped. Returns the dataset's metadata."""
-    from wam_fast.distill.data import DatasetWriter
-
     env = MetaWorldEnv(task, "train", camera=camera, size=size)
     expert = expert_policy(task)
     layouts = env.num_layouts if layouts is None else min(int(layouts), env.num_layouts)

@@ -1,0 +1,117 @@
+"""Closed-loop evaluation of the fidelity run's rows: the policy of a row, batched held-out episodes,
+per-chunk latency, and the success rate's 95% Wilson interval."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+import wam_fast
+from wam_fast.eval import autoencoder
+from wam_fast.eval import metaworld as mw
+from wam_fast.eval.settings import ModelRow, Settings
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> Tuple[float, float]:
+    """95% Wilson score interval of a success rate (sensible at 0% and 100%, unlike the normal one)."""
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends (no rounding residue)
+    hi = 1.0 if successes == trials else min(1.0, centre + half)
+    return lo, hi
+
+
+def make_policy(row: ModelRow, checkpoints: Dict[str, Path], seed: int):
+    """A fresh WAMPolicy for ``row`` (a fresh model too: FP8 quantizes its model in place). With
+    ``checkpoints["autoencoder"]`` it takes pixel latents and encodes them first (``EncodingPolicy``)."""
+    model = wam_fast.load_pretrained(checkpoints[row.source]).float().eval()
+    sampler_options = {"cfg_scale": 1.0} if row.source == "teacher" else {}
+    policy = wam_fast.WAMPolicy(model, steps=row.steps, cache=row.cache, seed=seed, **sampler_options)
+    if row.fp8:
+        wam_fast.compile(policy, wam_fast.CompileConfig(fp8=True, backend="eager", fused=False, cache=row.cache))
+    if checkpoints.get("autoencoder") is not None:
+        return autoencoder.EncodingPolicy(policy, autoencoder.load_autoencoder(checkpoints["autoencoder"]))
+    return policy
+
+
+@dataclass
+class EpisodeResults:
+    success: List[bool]
+    success_step: List[Optional[int]]
+    chunks: int
+    seconds: float
+
+
+def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int, text: torch.Tensor,
+                 camera: str = mw.CAMERA, envs: Optional[List["mw.MetaWorldEnv"]] = None) -> EpisodeResults:
+    """``episodes`` closed-loop held-out episodes as one batch: episode i on held-out layout i mod 50.
+    Every round renders each running episode, samples one chunk for all (``policy.act``) and executes
+    the first ``execute`` actions of each; an episode stops at its first success or at ``horizon``.
+
+    ``policy`` is a WAMPolicy (or anything with ``reset(text)`` and ``act(latents) -> .actions``)."""
+    if not 1 <= execute:
+        raise ValueError(f"execute must be >= 1 (actions run per chunk), got {execute}")
+    envs = envs if envs is not None else [mw.MetaWorldEnv(task, "heldout", camera=camera) for _ in range(episodes)]
+    images = [env.reset(i % env.num_layouts) for i, env in enumerate(envs)]
+    policy.reset(text.expand(episodes, -1, -1).contiguous())
+    success_step: List[Optional[int]] = [None] * episodes
+    start, chunks, t = time.perf_counter(), 0, 0
+    while t < horizon and any(s is None for s in success_step):
+        latents = mw.image_to_latent(np.stack(images))[:, None]
+        actions = policy.act(latents).actions.float().numpy()
+        chunks += 1
+        execute_now = min(execute, actions.shape[1], horizon - t)
+        for i, env in enumerate(envs):
+            if success_step[i] is not None:
+                continue
+            for k in range(execute_now):
+                _, success = env.step(actions[i, k], render=False)
+                if success:
+                    success_step[i] = t + k + 1
+                    break
+            if success_step[i] is None:
+                images[i] = env.render()
+        t += execute_now
+    return EpisodeResults([s is not None for s in success_step], success_step, chunks, time.perf_counter() - start)
+
+
+def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int = 20,
+                     warmup: int = 3) -> Tuple[float, List[float]]:
+    """(median, every timing) in ms of one ``policy.act`` at batch 1 on a real observation (CPU timer)."""
+    policy.reset(text[None])
+    latent = mw.image_to_latent(image[None])[:, None]
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        policy.act(latent)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times)), times
+
+
+def evaluate_row(row: ModelRow, checkpoints: Dict[str, Path], settings: Settings, text: torch.Tensor,
+                 envs) -> dict:
+    policy = make_policy(row, checkpoints, settings.seed)
+    result = run_episodes(policy, settings.task, settings.episodes, horizon=settings.horizon,
+                          execute=settings.execute, text=text, envs=envs)
+    wins = sum(result.success)
+    latency_policy = make_policy(row, checkpoints, settings.seed)
+    image = envs[0].reset(0)
+    latency, timings = chunk_latency_ms(latency_policy, text, image, repeats=5 if settings.episodes <= 2 else 20)
+    lo, hi = wilson_interval(wins, settings.episodes)
+    steps_to_success = [s for s in result.success_step if s is not None]
+    return {"name": row.name, "steps": row.steps, "success": wins / settings.episodes, "ci95": [lo, hi],
+            "episodes": settings.episodes, "latency_ms": latency, "latency_ms_raw": timings, "successes": wins,
+            "sampler": policy.sampler, "cache": row.cache, "precision": row.precision,
+            "mask": policy.config.mask, "checkpoint": str(checkpoints[row.source]),
+            "mean_steps_to_success": float(np.mean(steps_to_success)) if steps_to_success else None,
+            "batch_eval_s": result.seconds, "chunks_per_episode": result.chunks}
