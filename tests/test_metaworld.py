@@ -159,7 +159,7 @@ def test_recorded_results_match_what_the_command_runs(task):
     # while its settings are the recorded ones.
     results_dir = Path(__file__).resolve().parents[1] / RESULTS_DIR
     recorded = json.loads((results_dir / f"metaworld-{task}.json").read_text())
-    assert recorded["settings"] == fidelity._jsonable(dataclasses.asdict(Settings.for_task(task)))
+    assert recorded["settings"] == fidelity.jsonable(dataclasses.asdict(Settings.for_task(task)))
     assert [m["name"] for m in recorded["models"]] == [row.name for row in MODELS]
 
 

@@ -36,15 +36,11 @@ import math
 import sys
 from typing import Optional, Sequence
 
-from wam_fast.distill.commands import (MASKS, METHODS, CLIError, distill, evaluate_checkpoints, jsonable, one_line,
+from wam_fast.distill.commands import (MASKS, METHODS, CLIError, distill, evaluate_checkpoints, one_line,
                                        parse_steps)
 from wam_fast.distill.demo import DEMO_OUT, run_demo
 
 logger = logging.getLogger("wam_fast.distill")
-
-# wam_fast.eval.fidelity imports the old private name from here (renamed by the lead after the merge)
-_jsonable = jsonable
-
 
 # ---- argument parsing ----------------------------------------------------------------------------
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

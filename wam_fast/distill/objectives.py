@@ -149,7 +149,7 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _run(model, config, video, text, actions, t, ctx, step_size=None):
+def run_model(model, config, video, text, actions, t, ctx, step_size=None):
     """float32 outputs of one forward; latents and text cast to the model's dtype, times float32."""
     dtype = _model_dtype(model)
     kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
@@ -274,7 +274,7 @@ class DiffusionObjective:
         target = _rows(alpha, x0) * noise - _rows(sigma, x0) * x0 if c.objective == "v_prediction" else noise - x0
         text = torch.where(draws["drop"].to(x0.device)[:, None, None], torch.zeros_like(batch["text"]), batch["text"])
         video, actions = _split(c, x_t)
-        out = _flat(*_run(student, c, video, text, actions, t, context(c, batch)))
+        out = _flat(*run_model(student, c, video, text, actions, t, context(c, batch)))
         loss, video_mse, action_mse = _weighted_mse(c, out, target, self.video_weight, self.action_weight)
         return loss, {"loss_video": video_mse, "loss_actions": action_mse}
 
@@ -394,7 +394,7 @@ class _Distillation:
             ctx = {k: (None if v is None else torch.cat((v, v))) for k, v in ctx.items()}
             text = torch.cat((text, torch.zeros_like(text)))
             video, actions, t = torch.cat((video, video)), torch.cat((actions, actions)), torch.cat((t, t))
-        video_out, action_out = _run(self.teacher, tc, video, text, actions, t, ctx)
+        video_out, action_out = run_model(self.teacher, tc, video, text, actions, t, ctx)
         if self.teacher_adds_frame0:
             video_out = video_out[:, 1:]
         out = _flat(video_out, action_out)
@@ -469,7 +469,7 @@ class ShortcutObjective(_Distillation):
             target = target.clone()
             target[rows] = target_coarse
         video, actions = _split(c, x_t)
-        out = _flat(*_run(student, c, video, batch["text"], actions, t, ctx, step_size=d))
+        out = _flat(*run_model(student, c, video, batch["text"], actions, t, ctx, step_size=d))
         loss, video_mse, action_mse = _weighted_mse(c, out, target, self.video_weight, self.action_weight)
         fine_mse = _weighted_mse(c, out.detach(), target, self.video_weight, self.action_weight,
                                  rows=~coarse.to(out.device))[0]
@@ -486,10 +486,10 @@ class ShortcutObjective(_Distillation):
         ctx = context(c, batch)
         half = self.half_step_size(d)
         video, actions = _split(c, x_t)
-        v1 = _flat(*_run(ema, c, video, batch["text"], actions, t, ctx, step_size=half))
+        v1 = _flat(*run_model(ema, c, video, batch["text"], actions, t, ctx, step_size=half))
         x_mid = sampler_step(self.schedule, x_t, v1, t, t_mid)
         video, actions = _split(c, x_mid)
-        v2 = _flat(*_run(ema, c, video, batch["text"], actions, t_mid, ctx, step_size=half))
+        v2 = _flat(*run_model(ema, c, video, batch["text"], actions, t_mid, ctx, step_size=half))
         x_end = sampler_step(self.schedule, x_mid, v2, t_mid, t_end)
         return implied_output(self.schedule, x_t, t, t_end, x_end)
 
@@ -526,13 +526,13 @@ class ConsistencyObjective(_Distillation):
             v_teacher = self.teacher_output(x_t, t, batch, draws["noise0"])
             x_next = sampler_step(self.schedule, x_t, v_teacher, t, t_next)
             video, actions = _split(c, x_next)
-            ema_out = _flat(*_run(ema, c, video, batch["text"], actions, t_next.clamp_min(0), ctx))
+            ema_out = _flat(*run_model(ema, c, video, batch["text"], actions, t_next.clamp_min(0), ctx))
             target = clean_prediction(self.schedule, x_next, ema_out, t_next)
             alpha_next, _ = alpha_sigma(self.schedule, t_next)
             reached_clean = _rows(alpha_next == 1.0, x_next)
             target = torch.where(reached_clean, x_next, target)
         video, actions = _split(c, x_t)
-        out = _flat(*_run(student, c, video, batch["text"], actions, t, ctx))
+        out = _flat(*run_model(student, c, video, batch["text"], actions, t, ctx))
         pred = clean_prediction(self.schedule, x_t, out, t)
         loss, video_mse, action_mse = _weighted_mse(c, pred, target, self.video_weight, self.action_weight)
         return loss, {"loss_video": video_mse, "loss_actions": action_mse}

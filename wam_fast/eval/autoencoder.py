@@ -30,7 +30,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from wam_fast.checkpoint import atomic_write
+from wam_fast.utils.files import atomic_write
 from wam_fast.distill import trainer
 from wam_fast.distill.data import DatasetWriter, LatentDataset
 

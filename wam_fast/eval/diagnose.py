@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import wam_fast
-from wam_fast.checkpoint import atomic_write
+from wam_fast.utils.files import atomic_write
 from wam_fast.distill import objectives
 from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import autoencoder as frame_autoencoder
@@ -198,7 +198,7 @@ def wam_regression_baseline(task: str, demos: Path, *, steps: int = 1500, batch:
         noisy_video = torch.randn((rows, *video_shape), generator=generator)
         noisy_actions = torch.randn((rows, *action_shape), generator=generator)
         t = torch.full((rows,), last)
-        _, action_v = objectives._run(model, config, noisy_video, batch["text"], noisy_actions, t,
+        _, action_v = objectives.run_model(model, config, noisy_video, batch["text"], noisy_actions, t,
                                       objectives.context(config, batch))
         return -action_v  # v = alpha * noise - sigma * x0 = -x0 at the last timestep
 

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from wam_fast.distill.cli import _jsonable
+from wam_fast.distill.commands import jsonable
 from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import RESULTS_DIR, environment, markdown_table, plot, write_results
@@ -101,7 +101,7 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
     checkpoints = {"teacher": train_teacher(settings, demos, task_dir / "teacher", progress=progress),
                    "autoencoder": frozen}
     path = results_dir / f"metaworld-{settings.task}.json"
-    settings_dict = _jsonable(dataclasses.asdict(settings))
+    settings_dict = jsonable(dataclasses.asdict(settings))
     demo_data = LatentDataset(pixel_demos)
     results = {"task": settings.task, "episodes": settings.episodes, "models": [], "settings": settings_dict,
                "environment": environment(),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import importlib.util
 import logging
 import os
 import re
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from wam_fast.distill.data import DatasetWriter
+from wam_fast.utils import optional
 
 logger = logging.getLogger("wam_fast.eval")
 
@@ -49,7 +49,7 @@ CAMERA = "corner"
 
 def require_metaworld() -> None:
     """Raise ImportError with the install line when Meta-World (or MuJoCo) is missing."""
-    missing = [name for name in ("metaworld", "mujoco", "packaging") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("metaworld", "mujoco", "packaging") if not optional.installed(name)]
     if missing:
         raise ImportError(f"Meta-World evaluation needs {', '.join(missing)}, which is not installed: {INSTALL}")
 
@@ -57,7 +57,7 @@ def require_metaworld() -> None:
 def _import_metaworld():
     require_metaworld()
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco loads
-    if importlib.util.find_spec("triton") is not None:
+    if optional.installed("triton"):
         # Loading libtriton after an EGL context exists segfaults here (both bundle LLVM), and torch
         # imports triton lazily (e.g. in the first optimizer), so it is loaded before any render.
         importlib.import_module("triton")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
-import wam_fast
-from wam_fast.checkpoint import atomic_write
+from wam_fast import __version__
+from wam_fast.utils.environment import cpu_name, git_commit, package_version
+from wam_fast.utils.files import atomic_write
 
 RESULTS_DIR = Path("benchmarks") / "results"
 # Targets of the issue: teacher success (push-v3) and the share of it each student keeps.
@@ -96,38 +95,8 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def environment() -> dict:
-    return {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+    """The machine and versions a results file was measured with (the CPU harness's own fields)."""
+    return {"machine": platform.machine(), "processor": cpu_name(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "wam_fast": wam_fast.__version__,
-            "metaworld": _version("metaworld"), "mujoco": _version("mujoco"), "device": "cpu", "commit": _commit()}
-
-
-def _commit() -> Optional[str]:
-    """The git commit of this checkout ("+dirty" with uncommitted changes), None outside git."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _cpu_name() -> Optional[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        return platform.processor() or None
-
-
-def _version(package: str) -> Optional[str]:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+            "torch": torch.__version__, "wam_fast": __version__, "metaworld": package_version("metaworld"),
+            "mujoco": package_version("mujoco"), "device": "cpu", "commit": git_commit(full=True)}

@@ -14,9 +14,9 @@ from typing import List, Optional, Tuple
 import torch
 
 import wam_fast
-from wam_fast.checkpoint import atomic_write
+from wam_fast.utils.files import atomic_write
 from wam_fast.distill import objectives, trainer
-from wam_fast.distill.cli import _jsonable
+from wam_fast.distill.commands import jsonable
 from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import autoencoder
 from wam_fast.eval import metaworld as mw
@@ -31,11 +31,11 @@ def _stage_file(directory: Path) -> Path:
 
 def _stage_done(directory: Path, key: dict) -> bool:
     path = _stage_file(directory)
-    return path.is_file() and json.loads(path.read_text()) == _jsonable(key)
+    return path.is_file() and json.loads(path.read_text()) == jsonable(key)
 
 
 def _mark_done(directory: Path, key: dict) -> None:
-    text = json.dumps(_jsonable(key), indent=2, sort_keys=True)
+    text = json.dumps(jsonable(key), indent=2, sort_keys=True)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(_stage_file(directory), lambda tmp: Path(tmp).write_text(text))
 

@@ -25,14 +25,15 @@ def package_version(name: str) -> Optional[str]:
         return None
 
 
-def git_commit(path: str = REPO_ROOT) -> Optional[str]:
-    """Commit of the source checkout (with "-dirty" for local edits), None outside a git checkout."""
+def git_commit(path: str = REPO_ROOT, full: bool = False) -> Optional[str]:
+    """Commit of the source checkout (12 hex digits, or all 40 with ``full``; "-dirty" for local edits),
+    None outside a git checkout."""
     def git(*args):
         return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
 
     try:
-        commit = git("rev-parse", "--short=12", "HEAD")
+        commit = git("rev-parse", "HEAD") if full else git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None  # no git, not a checkout, or no commit yet
