@@ -34,7 +34,7 @@ from diffusers.models.normalization import CogVideoXLayerNormZero
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
 from wam_fast import ops
-from wam_fast.compiler import session as session_module
+from wam_fast.compiler import session as session_module  # attention_fn looked up per call (tests swap it)
 from wam_fast.compiler.session import Session, check_backend_available, compile_kwargs, module_device
 from wam_fast.ops import reference as WF
 from wam_fast.ops.registry import note_fallback

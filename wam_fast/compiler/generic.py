@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wam_fast import ops
-from wam_fast.compiler import session as session_module
+from wam_fast.compiler import session as session_module  # attention_fn looked up per call (tests swap it)
 from wam_fast.compiler.config import SMALL_GEMM_FACTOR, CompileConfig
 from wam_fast.compiler.report import CompileReport
 from wam_fast.compiler.session import Session, check_backend_available, compile_kwargs, module_device

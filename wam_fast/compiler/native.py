@@ -8,7 +8,7 @@ import torch.nn as nn
 from wam_fast import ops
 from wam_fast.cache import TemporalKVCache, not_cacheable_message
 from wam_fast.compiler import graphs as policy_graphs
-from wam_fast.compiler import session as session_module
+from wam_fast.compiler import session as session_module  # attention_fn looked up per call (tests swap it)
 from wam_fast.compiler.config import CompileConfig
 from wam_fast.compiler.report import REPORT_ATTR, CompileReport, attach_report
 from wam_fast.compiler.session import Session, check_backend_available, compile_kwargs, describe_swap, module_device
