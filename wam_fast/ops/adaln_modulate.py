@@ -121,12 +121,12 @@ def empty_scale(x: torch.Tensor) -> torch.Tensor:
 
 # ---- backends -------------------------------------------------------------------------------------
 def _cuda_run(x, shift, scale, segments, mod_index, weight, bias, eps, fp8):
-    extension = cuda_extension()
+    _C = cuda_extension()  # the extension module, named as setup.py builds it
 
     B, N, D = x.shape
     y = torch.empty((B, N, D), dtype=torch.float8_e4m3fn if fp8 else x.dtype, device=x.device)
     y_scale = torch.empty((B, N, 1), dtype=torch.float32, device=x.device) if fp8 else None
-    extension.adaln_modulate(x, shift.contiguous(), scale.contiguous(), weight, bias, list(segments), list(mod_index),
+    _C.adaln_modulate(x, shift.contiguous(), scale.contiguous(), weight, bias, list(segments), list(mod_index),
                       float(eps), y, y_scale, cuda_stream(x.device))
     return y, (y_scale if fp8 else empty_scale(x))
 

@@ -23,13 +23,13 @@ OP = "gated_residual_adaln"
 
 # ---- backends -------------------------------------------------------------------------------------
 def _cuda_run(residual, x, gate, shift, scale, segments, mod_index, weight, bias, eps, fp8):
-    extension = cuda_extension()
+    _C = cuda_extension()  # the extension module, named as setup.py builds it
 
     B, N, D = residual.shape
     r = torch.empty((B, N, D), dtype=residual.dtype, device=residual.device)
     y = torch.empty((B, N, D), dtype=torch.float8_e4m3fn if fp8 else residual.dtype, device=residual.device)
     y_scale = torch.empty((B, N, 1), dtype=torch.float32, device=residual.device) if fp8 else None
-    extension.gated_residual_adaln(residual, x, gate.contiguous(), shift.contiguous(), scale.contiguous(), weight, bias,
+    _C.gated_residual_adaln(residual, x, gate.contiguous(), shift.contiguous(), scale.contiguous(), weight, bias,
                             list(segments), list(mod_index), float(eps), r, y, y_scale, cuda_stream(residual.device))
     return r, y, (y_scale if fp8 else empty_scale(residual))
 

@@ -49,14 +49,14 @@ def _cuda_rejects(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start
 
 
 def _cuda_run(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, rope_end, eps):
-    extension = cuda_extension()
+    _C = cuda_extension()  # the extension module, named as setup.py builds it
 
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if q.numel() == 0:  # nothing to launch
         return q_out, k_out
     stream = torch.cuda.current_stream(q.device).cuda_stream
-    extension.qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, int(rope_start), int(rope_end),
+    _C.qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, int(rope_start), int(rope_end),
                     float(eps), q_out, k_out, stream)
     return q_out, k_out
 
