@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from wam_fast.configs import WAMConfig
+from wam_fast.models.transformer import WAMTransformer
 from wam_fast.schedules import DDPMSchedule, schedule_for
 
 METHODS = ("shortcut", "consistency")
@@ -316,8 +317,6 @@ def make_student(teacher, method: str, steps: Sequence[int] = (1, 2, 4), mask: O
     ``mask`` (default the teacher's) and ``history_frames`` (temporal students; default the teacher's,
     0 for a full teacher). A shortcut student's step embedding starts at zero, so at first it
     predicts exactly what the teacher does."""
-    from wam_fast.models.transformer import WAMTransformer
-
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
     tc = getattr(teacher, "config", None)
