@@ -325,7 +325,7 @@ def test_policy_cache_lever():
     # inductor compiles model.forward; the report must not claim it for the cached steps (no call: no compile)
     inductor = wam_fast.compile(wam_fast.WAMPolicy(temporal(), steps=2, sampler="ddim", cfg_scale=1.0),
                                 CompileConfig(backend="inductor"))
-    assert "does not reach the cached denoising steps" in \
+    assert "does not reach the cached frame pass and denoising steps" in \
         inductor.report().skipped_at("cached steps: torch.compile")[0]
     assert not EAGER_POLICY_SKIPS.intersection(w for w, _ in policy.report().skipped)
     started = wam_fast.WAMPolicy(temporal(), steps=2, sampler="ddim", cfg_scale=1.0)
@@ -334,37 +334,29 @@ def test_policy_cache_lever():
         wam_fast.compile(started, CompileConfig(backend="eager", cache=False))
 
 
-# ---- the loop graph runner on the CPU (EagerCapture) -----------------------------------------------------------
-def test_sampler_draws_noise():
-    teacher = wam_fast.configs.get("tiny")
-    assert not graphs.sampler_draws_noise(teacher, "ddim", 4)
-    assert not graphs.sampler_draws_noise(teacher, "dpm++2m", 4)
-    assert graphs.sampler_draws_noise(teacher, "dpm++2m-sde", 4)
-    assert graphs.sampler_draws_noise(teacher, "consistency", 2)
-    assert not graphs.sampler_draws_noise(teacher, "consistency", 1)  # one step: x0, no re-noising
-    assert not graphs.sampler_draws_noise(wam_fast.configs.get("tiny", objective="flow_matching"), "euler", 3)
-
-
+# ---- the chunk graph runner on the CPU (EagerCapture) ----------------------------------------------------------
 RUNNER_CASES = {
-    "ddim-cfg": (dict(), dict(sampler="ddim", steps=2, cfg_scale=3.0), "loop"),
-    "shortcut": (dict(distillation="shortcut", distilled_steps=(1, 2)), dict(steps=2), "loop"),
-    "consistency": (dict(distillation="consistency", distilled_steps=(1, 2)), dict(steps=2), "step"),
-    "sde-cfg-robots": (dict(num_robots=3), dict(sampler="dpm++2m-sde", steps=3, cfg_scale=3.0), "step"),
+    "ddim-cfg": (dict(), dict(sampler="ddim", steps=2, cfg_scale=3.0)),
+    "shortcut": (dict(distillation="shortcut", distilled_steps=(1, 2)), dict(steps=2)),
+    "consistency": (dict(distillation="consistency", distilled_steps=(1, 2)), dict(steps=2)),
+    "sde-cfg-robots": (dict(num_robots=3), dict(sampler="dpm++2m-sde", steps=3, cfg_scale=3.0)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(RUNNER_CASES))
 def test_graph_runner_equals_eager(name):
-    """Static buffers, noise pre-drawn from the policy's generator, re-capture on a batch change:
-    chunk for chunk equal to the eager policy (same kernels, so bit for bit)."""
-    overrides, options, mode = RUNNER_CASES[name]
+    """One graph per ring slot holds the whole chunk (frame pass, steps, sampler draws); chunk for chunk
+    equal to the eager policy (same kernels, so bit for bit), through the warm-up of the ring and past it;
+    re-captured on a batch change. The policy object keeps its class."""
+    overrides, options = RUNNER_CASES[name]
     model = temporal(**overrides)
     eager = wam_fast.WAMPolicy(model, seed=0, **options)
     fast = wam_fast.WAMPolicy(model, seed=0, **options)
     runner = graphs.attach(fast, graphs.EagerCapture)
-    assert runner.mode() == mode and type(fast) is graphs.CompiledWAMPolicy
+    assert type(fast) is wam_fast.WAMPolicy and fast.graphs is runner
+    slots = fast.history + 1
     for batch in (1, 2, 2):
-        text, frames = episode(model, batch=batch, steps=2, seed=batch)
+        text, frames = episode(model, batch=batch, steps=slots + 2, seed=batch)
         robot = torch.arange(batch) % 3 if overrides.get("num_robots") else None
         eager.reset(text)
         fast.reset(text)
@@ -373,7 +365,9 @@ def test_graph_runner_equals_eager(name):
             assert torch.equal(a.actions, b.actions) and torch.equal(a.video, b.video)
             assert (a.nfe, a.steps, a.sampler) == (b.nfe, b.steps, b.sampler)
         assert fast.step == eager.step == len(frames)
-    assert runner.captures == 2  # batch 1, then batch 2 (the same batch again reuses the graph)
+    # batch 1: one graph per slot; batch 2: all again (new buffers); the second batch-2 episode replays only
+    assert runner.captures == 2 * slots
+    assert runner.replays == 3 * len(frames) - 2 * slots
     graphs.detach(fast)
     fast.reset(text)
     eager.reset(text)
@@ -382,15 +376,17 @@ def test_graph_runner_equals_eager(name):
 
 def test_graph_runner_recaptures_when_options_change():
     model = temporal()
-    policy = wam_fast.WAMPolicy(model, steps=2, sampler="ddim", cfg_scale=1.0, seed=0)
+    policy = wam_fast.WAMPolicy(model, steps=2, sampler="ddim", cfg_scale=1.0, seed=0, history=0)
     runner = graphs.attach(policy, graphs.EagerCapture)
     text, frames = episode(model)
     policy.reset(text)
     policy.act(frames[0])
+    policy.act(frames[1])
+    assert (runner.captures, runner.replays) == (1, 1)
     policy.steps = 3
     chunk = policy.act(frames[1])
     assert runner.captures == 2 and chunk.steps == 3
-    eager = wam_fast.WAMPolicy(model, steps=3, sampler="ddim", cfg_scale=1.0, seed=5)
+    eager = wam_fast.WAMPolicy(model, steps=3, sampler="ddim", cfg_scale=1.0, seed=5, history=0)
     policy.cache.setup(policy.cache.batch, policy.history)  # new buffers, same shapes: the graph is stale
     for p in (policy, eager):
         p.reset(text, seed=5)
@@ -398,18 +394,26 @@ def test_graph_runner_recaptures_when_options_change():
     assert runner.captures == 3
 
 
-def test_eager_capture_refuses_host_draws(monkeypatch):
-    """A sampler that draws inside its steps cannot live in one graph (the draw would be baked in):
-    forcing loop mode on one is an error, as a real capture would be."""
-    model = temporal(distillation="consistency", distilled_steps=(2,))
-    policy = wam_fast.WAMPolicy(model, seed=0)
+def test_graph_replays_see_weight_updates_through_the_precomputed_tables():
+    """AdaLN tables are computed once per step grid and refreshed in place when a weight changes, so a
+    captured graph (which reads the same tensors) follows the new weights."""
+    model = temporal(distillation="shortcut", distilled_steps=(2,))
+    policy = wam_fast.WAMPolicy(model, seed=0, history=0)
     runner = graphs.attach(policy, graphs.EagerCapture)
-    monkeypatch.setattr(graphs.PolicyGraphs, "mode", lambda self: "loop")
-    text, frames = episode(model)
-    policy.reset(text)
-    with pytest.raises(RuntimeError, match="drew from a CPU generator"):
-        policy.act(frames[0])
-    assert runner.captures == 0
+    eager = wam_fast.WAMPolicy(model, seed=0, history=0)
+    text, frames = episode(model, steps=3)
+    for p in (policy, eager):
+        p.reset(text)
+    for frame in frames[:2]:
+        assert torch.equal(policy.act(frame).actions, eager.act(frame).actions)
+    tables = [t.data_ptr() for pair in policy.cache._grid_tables for t in pair]
+    with torch.no_grad():
+        model.blocks[0].adaln.weight.mul_(1.5)
+        model.step_embed.linear_1.bias.add_(0.1)
+    a, b = policy.act(frames[2]), eager.act(frames[2])
+    assert torch.equal(a.actions, b.actions)
+    assert [t.data_ptr() for pair in policy.cache._grid_tables for t in pair] == tables
+    assert runner.captures == 1 and runner.replays == 2
 
 
 def test_graph_runner_needs_the_cache():
@@ -420,25 +424,26 @@ def test_graph_runner_needs_the_cache():
 
 # ---- GPU: real CUDA graphs ----------------------------------------------------------------------------------
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU (the CPU runs the same runner through EagerCapture)")
-@pytest.mark.parametrize("name", ["ddim-cfg", "shortcut", "consistency"])
+@pytest.mark.parametrize("name", ["ddim-cfg", "shortcut", "consistency", "sde-cfg-robots"])
 def test_cuda_graph_replay_equals_eager(name):
-    overrides, options, mode = RUNNER_CASES[name]
+    overrides, options = RUNNER_CASES[name]
     model = temporal(**overrides).cuda()
     compiled = wam_fast.compile(wam_fast.WAMPolicy(copy.deepcopy(model), seed=0, **options), EAGER)
     assert "CUDA graph" in compiled.report().applied_to("cuda_graphs")[0]
-    eager = wam_fast.WAMPolicy(compiled.model, seed=0, **options)  # same fused model, eager loop
-    runner = compiled.__dict__[graphs.GRAPHS_ATTR]
-    assert runner.mode() == mode
+    eager = wam_fast.WAMPolicy(compiled.model, seed=0, **options)  # same fused model, eager chunk
+    runner = compiled.graphs
+    slots = compiled.history + 1
     for batch in (1, 2):
-        text, frames = episode(model, batch=batch, steps=4, seed=batch)
+        text, frames = episode(model, batch=batch, steps=slots + 3, seed=batch)
+        robot = (torch.arange(batch) % 3).cuda() if overrides.get("num_robots") else None
         text, frames = text.cuda(), [f.cuda() for f in frames]
         eager.reset(text)
         compiled.reset(text)
         for frame in frames:
-            a, b = eager.act(frame), compiled.act(frame)
+            a, b = eager.act(frame, robot), compiled.act(frame, robot)
             torch.testing.assert_close(b.actions, a.actions, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(b.video, a.video, rtol=1e-5, atol=1e-5)
-    assert runner.captures == 2
+    assert runner.captures == 2 * slots and runner.replays == 2 * 3
 
 
 # ---- any nn.Module ----------------------------------------------------------------------------------------

@@ -235,7 +235,8 @@ def test_cache_bytes_are_the_buffers():
     kv = 2 * c.num_layers * rows * c.num_heads * keys * c.head_dim * 4
     encoded = c.num_layers * rows * c.num_heads * slots * c.tokens_per_frame * c.head_dim * 4
     segment_ids = 4 * (max(c.tokens_per_frame, c.noisy_tokens) + (keys - c.noisy_tokens) + keys)
-    assert policy.cache_bytes == kv + encoded + segment_ids
+    episode_state = 8 * (slots + 1)  # slot_step (int64 per slot) and step_count
+    assert policy.cache_bytes == kv + encoded + segment_ids + episode_state
     assert cache_bytes(c, rows, max_history=2, bytes_per_element=4) == kv + encoded
     assert wam_fast.WAMPolicy(model, cache=False).cache_bytes == 0
 

@@ -355,7 +355,7 @@ def test_model_is_built_from_named_swappable_pieces():
 def test_temporal_attention_plan_equals_the_explicit_mask_and_context_ignores_noisy_keys():
     """TemporalAttention (what the model runs, and the cache over its buffers) against one
     explicitly masked SDPA; its context rows never read a noisy key (NaN there changes nothing)."""
-    from wam_fast.models.transformer import TemporalAttention
+    from wam_fast.models.transformer import TemporalAttention, layout_tables
 
     cfg = wam_fast.configs.get("tiny", mask="temporal", history_frames=2)
     layout = build_layout(cfg, num_history=2)
@@ -370,7 +370,7 @@ def test_temporal_attention_plan_equals_the_explicit_mask_and_context_ignores_no
         return torch.cat((k_raw[:, :, :start], WF.apply_rope(k_raw[:, :, start:end], cos, sin), k_raw[:, :, end:]), 2)
 
     k, k_seen = rotate(layout.rope_positions), rotate(layout.frame_positions)
-    plan = TemporalAttention(layout, cfg, torch.device("cpu"))
+    plan = TemporalAttention(layout, layout_tables(layout, cfg, torch.device("cpu")))
     out = plan(q, k, v, 0, WF.attention)
     torch.testing.assert_close(out, explicit_temporal_attention(q, k, k_seen, v, layout), rtol=0, atol=1e-5)
     k2, v2 = k.clone(), v.clone()

@@ -19,11 +19,19 @@ moves (attention does not care about key order). A slot without a frame gets a k
 no query sees. Each frame is encoded at the current frame's RoPE position; the keys the noisy tokens
 see are those rotated back in time by the frame's age, recomputed from the encoded keys (kept in
 ``encoded_k``) at each control step, exactly as the uncached model does.
+
+Everything a frame pass decides from the episode's state lives on the device (``slot_steps``: the
+control step of each slot's frame, -1 when empty; ``step_count``): which slots the noisy tokens see
+and each history frame's age are computed there, so a frame pass launches the same kernels at every
+control step and a CUDA graph can hold it (``wam_fast.compiler.graphs``). Its only Python input is
+the slot it writes (``step % slots``), which a graph runner captures once per slot. A fixed step grid
+(``set_grid``) gets its time embeddings and every block's AdaLN tables computed once (``denoise_at``);
+they are recomputed, in place, when the grid or the weights change.
 """
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -138,7 +146,14 @@ class TemporalKVCache:
         self.query_segments = torch.full((max(tpf, c.noisy_tokens),), QUERY, dtype=torch.int32, device=device)
         self.frame_key_segments = torch.full((self.noisy_start,), HIDDEN, dtype=torch.int32, device=device)
         self.noisy_key_segments = torch.full((self.num_keys,), HIDDEN, dtype=torch.int32, device=device)
+        # device-side episode state (module docstring): control step of each slot's frame, frames added
+        self.slot_step = torch.full((self.slots,), -1, dtype=torch.int64, device=device)
+        self.step_count = torch.zeros((), dtype=torch.int64, device=device)
         self.device, self.dtype = device, dtype
+        self._grid: Optional[tuple] = None  # (timesteps, step_size) of set_grid
+        self._grid_tables: List[Tuple[torch.Tensor, torch.Tensor]] = []  # per step: (temb, modulation)
+        self._frame_tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._tables_stamp: Optional[tuple] = None
         self._passes = {part: _CachePass(self, part) for part in ("text", "frame", "noisy")}
         self._contexts = {part: ForwardContext(layout, c, device, plan=self._passes[part])
                           for part, layout in zip(("text", "frame", "noisy"), pass_layouts(c))}
@@ -149,9 +164,12 @@ class TemporalKVCache:
         """A new episode: no text, no frames (the buffers are kept, their contents ignored)."""
         self._require_setup("reset")
         self.text_ready = False
+        self.frame_ready = False  # a frame pass ran this episode (set before note_frame: graphs)
         self.step = 0
         self.current_slot = 0
-        self.slot_steps: List[Optional[int]] = [None] * self.slots  # control step of each slot's frame
+        self.slot_steps: List[Optional[int]] = [None] * self.slots  # host mirror of the device's slot_step
+        self.slot_step.fill_(-1)
+        self.step_count.zero_()
         self.frame_key_segments.fill_(HIDDEN)
         self.frame_key_segments[:self.text_len] = VISIBLE
         self.noisy_key_segments.fill_(HIDDEN)
@@ -168,7 +186,7 @@ class TemporalKVCache:
         if self.batch is None:
             return 0
         tensors = [self.k, self.v, self.encoded_k, self.query_segments, self.frame_key_segments,
-                   self.noisy_key_segments]
+                   self.noisy_key_segments, self.slot_step, self.step_count]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def slot_span(self, slot: int) -> Tuple[int, int]:
@@ -191,6 +209,12 @@ class TemporalKVCache:
     def add_frame(self, image_latent: torch.Tensor) -> None:
         """Encode the current observation (B, 1, C, H, W) into the next ring slot: once per control
         step. The frame that was ``max_history + 1`` steps old is evicted."""
+        image_latent = self.check_frame(image_latent)
+        self.ensure_tables()
+        self.frame_pass(image_latent, self.next_slot)
+        self.note_frame()
+
+    def check_frame(self, image_latent: torch.Tensor) -> torch.Tensor:
         c = self.config
         self._require_setup("add_frame")
         if not self.text_ready:
@@ -198,27 +222,104 @@ class TemporalKVCache:
                                "(once per instruction; reset() clears it)")
         check_tensor("image_latent", image_latent,
                       (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
-        slot = self.step % self.slots
+        return image_latent
+
+    @property
+    def next_slot(self) -> int:
+        """The ring slot the next frame goes to."""
+        return self.step % self.slots
+
+    def frame_pass(self, image_latent: torch.Tensor, slot: int) -> None:
+        """The device work of ``add_frame`` into ring slot ``slot`` (checked inputs): launches the same
+        kernels whatever the episode's state, reads nothing back; ``note_frame()`` then advances the
+        host mirror."""
         start, end = self.slot_span(slot)
         self.current_slot = slot
-        self.frame_key_segments[self.text_len:] = HIDDEN  # the frame sees the text and itself only
-        self.frame_key_segments[start:end] = VISIBLE
-        temb = self.model.time_embed(image_latent.new_zeros((self.batch, 1), dtype=torch.float32))
-        self._run("frame", self.model.embed_clean_frames(image_latent), temb)
-        self.slot_steps[slot] = self.step
-        self.noisy_key_segments[start:end] = VISIBLE
-        self.step += 1
+        self.frame_ready = True
+        self.slot_step[slot].copy_(self.step_count)
+        self.frame_key_segments[self.text_len:].fill_(HIDDEN)  # the frame sees the text and itself only
+        self.frame_key_segments[start:end].fill_(VISIBLE)
+        if self._frame_tables is None:
+            self.ensure_tables()
+        temb, modulation = self._frame_tables
+        self._run("frame", self.model.embed_clean_frames(image_latent), temb, modulation)
+        self.noisy_key_segments[start:end].fill_(VISIBLE)
+        self.step_count.add_(1)
         if self.encoded_k is not None:
             self._age_history_keys()
 
+    def note_frame(self) -> None:
+        """Host bookkeeping after a frame pass into ``next_slot``."""
+        self.slot_steps[self.next_slot] = self.step
+        self.step += 1
+
     def _age_history_keys(self) -> None:
         # keys the noisy tokens see = encoded keys moved back in time by each frame's age (0 for the
-        # current frame, whose rotation is the identity); recomputed from encoded_k, never accumulated
-        current = self.step - 1
-        shifts = [0 if s is None else s - current for s in self.slot_steps]
+        # current frame, whose rotation is the identity); recomputed from encoded_k, never accumulated.
+        # Ages from the device state: empty slots get 0 (their keys are hidden).
+        shifts = torch.where(self.slot_step >= 0, self.slot_step - (self.step_count - 1), 0).float()
         cos, sin = rope_tables(self.config, shifts, self.device, self.tokens_per_frame)
         start, end = self.text_len, self.noisy_start
         self.k[:, :, :, start:end] = shift_keys(self.encoded_k, cos, sin)
+
+    # ---- precomputed time embeddings and AdaLN tables -----------------------------------------------
+    def _stamp(self) -> tuple:
+        """Identity and version of every weight the tables depend on (in-place updates bump _version)."""
+        model = self.model
+        params = [p for name in ("time_embed", "step_embed") if hasattr(model, name)
+                  for p in getattr(model, name).parameters()]
+        params += [t for block in model.blocks for t in list(block.adaln.parameters()) + list(block.adaln.buffers())]
+        return tuple((t.data_ptr(), t._version) for t in params)
+
+    def ensure_tables(self) -> None:
+        """Host side, before a frame pass or a grid's steps: the frame pass's tables exist, and every
+        table is recomputed in place when a weight changed since (captured graphs keep their tensors)."""
+        self._require_setup("ensure_tables")
+        stamp = self._stamp()
+        if self._frame_tables is None:
+            self._frame_tables = self._compute_frame_tables()
+        elif stamp != self._tables_stamp:
+            for old, new in zip(self._frame_tables, self._compute_frame_tables()):
+                old.copy_(new)
+            if self._grid is not None:
+                for old, new in zip(self._grid_tables, self._compute_grid_tables(*self._grid)):
+                    old[0].copy_(new[0])
+                    old[1].copy_(new[1])
+        self._tables_stamp = stamp
+
+    def _compute_frame_tables(self):
+        temb = self.model.time_embed(torch.zeros((self.batch, 1), dtype=torch.float32, device=self.device))
+        return temb, self.model.modulation_tables(temb, self._contexts["frame"])
+
+    def _compute_grid_tables(self, timesteps, step_size):
+        model, ctx = self.model, self._contexts["noisy"]
+        size = None if step_size is None else torch.full((self.batch,), step_size, device=self.device)
+        tables = []
+        for t in timesteps:
+            timestep = torch.full((self.batch, ctx.layout.num_segments), t, device=self.device)
+            temb = model.embed_time(timestep, ctx.layout, size)
+            tables.append((temb, model.modulation_tables(temb, ctx)))
+        return tables
+
+    @torch.no_grad()
+    def set_grid(self, timesteps: Sequence[float], step_size: Optional[float] = None) -> None:
+        """The denoising steps ``denoise_at`` will run: their model timesteps (a sampler's fixed grid)
+        and a shortcut student's step size. The time embeddings and every block's AdaLN tables of
+        each step (and of the frame pass) are computed here once, and again, in place, when the
+        weights change; a new grid replaces them. Cheap when nothing changed (call it every chunk)."""
+        self._require_setup("set_grid")
+        grid = (tuple(float(t) for t in timesteps), None if step_size is None else float(step_size))
+        if not grid[0]:
+            raise ValueError("TemporalKVCache.set_grid: timesteps is empty")
+        if grid != self._grid:
+            self._grid = grid
+            self._grid_tables = self._compute_grid_tables(*grid)
+        self.ensure_tables()
+
+    @property
+    def grid(self) -> Optional[tuple]:
+        """(timesteps, step_size) of ``set_grid``, or None."""
+        return self._grid
 
     @torch.no_grad()
     def denoise(self, video: torch.Tensor, actions: torch.Tensor, timestep, robot_id=None, step_size=None):
@@ -229,14 +330,7 @@ class TemporalKVCache:
         serve every step size). Returns (video_out, action_out) as the uncached model would for the
         same inputs."""
         c, model = self.config, self.model
-        self._require_setup("denoise")
-        if not self.text_ready or self.frames == 0:
-            raise RuntimeError("TemporalKVCache.denoise: the cache holds no "
-                               + ("text: call fill_text(text)" if not self.text_ready else
-                                  "frame: call add_frame(image_latent)") + " first")
-        check_tensor("video", video, model.noisy_video_shape(self.batch), self.dtype, self.device)
-        check_tensor("actions", actions, model.action_shape(self.batch), self.dtype, self.device)
-        check_robot_id(c, robot_id, self.batch, self.device)
+        self._check_denoise(video, actions, robot_id)
         step_size = check_step_size(c, step_size, self.batch, self.device)
         layout = self._contexts["noisy"].layout
         if isinstance(timestep, numbers.Real):
@@ -244,13 +338,45 @@ class TemporalKVCache:
         check_tensor("timestep", timestep, (self.batch,), None, self.device)
         # both segments (video, actions) are noisy; no host-to-device copy, so a CUDA graph can hold this
         temb = model.embed_time(timestep.float()[:, None].expand(-1, layout.num_segments), layout, step_size)
-        h = torch.cat((model.embed_noisy_video(video), model.action_embed(actions, robot_id)), dim=1)
-        return model.predict(self._run("noisy", h, temb), temb, layout, video.shape)
+        return self._denoise(video, actions, robot_id, temb, None)
 
-    def _run(self, part: str, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def denoise_at(self, step: int, video: torch.Tensor, actions: torch.Tensor, robot_id=None):
+        """``denoise`` at step ``step`` of the grid of ``set_grid`` (its timestep and step size), with
+        the time embedding and AdaLN tables computed there: no AdaLN projection runs here."""
+        if self._grid is None:
+            raise RuntimeError("TemporalKVCache.denoise_at: call set_grid(timesteps, step_size) first")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < len(self._grid[0]):
+            raise ValueError(f"TemporalKVCache.denoise_at: step must be an int in [0, {len(self._grid[0])}) "
+                             f"(the grid's steps), got {step!r}")
+        self._check_denoise(video, actions, robot_id)
+        temb, modulation = self._grid_tables[step]
+        return self._denoise(video, actions, robot_id, temb, modulation)
+
+    def _check_denoise(self, video, actions, robot_id) -> None:
+        model = self.model
+        self._require_setup("denoise")
+        if not self.text_ready or not self.frame_ready:
+            raise RuntimeError("TemporalKVCache.denoise: the cache holds no "
+                               + ("text: call fill_text(text)" if not self.text_ready else
+                                  "frame: call add_frame(image_latent)") + " first")
+        check_tensor("video", video, model.noisy_video_shape(self.batch), self.dtype, self.device)
+        check_tensor("actions", actions, model.action_shape(self.batch), self.dtype, self.device)
+        check_robot_id(self.config, robot_id, self.batch, self.device)
+
+    def _denoise(self, video, actions, robot_id, temb, modulation):
+        model, layout = self.model, self._contexts["noisy"].layout
+        h = torch.cat((model.embed_noisy_video(video), model.action_embed(actions, robot_id)), dim=1)
+        return model.predict(self._run("noisy", h, temb, modulation), temb, layout, video.shape)
+
+    def _run(self, part: str, h: torch.Tensor, temb: torch.Tensor, modulation=None) -> torch.Tensor:
         plan, ctx = self._passes[part], self._contexts[part]
         plan.calls = 0
-        h = self.model.run_blocks(h, temb, ctx)
+        ctx.modulation = modulation
+        try:
+            h = self.model.run_blocks(h, temb, ctx)
+        finally:
+            ctx.modulation = None
         if plan.calls != self.config.num_layers:
             raise RuntimeError(f"TemporalKVCache: {plan.calls} of {self.config.num_layers} layers ran attention "
                                f"through ctx.attend; a swapped attention module that bypasses it cannot be cached")

@@ -10,6 +10,12 @@
 denoising step (``wam_fast.cache``); ``cache=False`` runs the whole sequence (text, the last
 ``history`` frames, the current frame, the noisy tokens) at every step, as ``wam_fast.sample`` does.
 Both give the same chunks for the same seed, to rounding.
+
+``act`` = host checks and bookkeeping around ONE call that does all the device work of a chunk
+(``run_chunk``: the frame pass, every denoising step, the sampler's updates and draws, the action
+readout). By default that call runs eagerly; ``wam_fast.compile`` plugs in ``policy.graphs``, which
+replays it from a CUDA graph (``wam_fast.compiler.graphs``). The noise comes from ``generator``, a
+generator on the model's device, so the draws can live inside the graph too.
 """
 from __future__ import annotations
 
@@ -22,8 +28,9 @@ import torch
 from wam_fast.cache import TemporalKVCache, not_cacheable_message
 from wam_fast.configs import WAMConfig
 from wam_fast.models.validation import check_robot_id, check_tensor
-from wam_fast.sampling import (ActionChunk, check_options, check_text, uses_guidance, resolve_options,
-                               run_sampler)
+from wam_fast.sampling import (SAMPLERS, ActionChunk, check_options, check_text, resolve_options, run_sampler,
+                               step_size_for, uses_guidance)
+from wam_fast.schedules import schedule_for
 
 
 class WAMPolicy:
@@ -36,8 +43,9 @@ class WAMPolicy:
                A shortcut student's forwards get step_size = num_train_timesteps / steps.
     cache      reuse text and frame K/V (needs mask="temporal"; a mask="full" model is refused)
     history    past frames the model sees (default config.history_frames; temporal models only)
-    seed       seeds the CPU generator all noise comes from (None: a random seed); the stream runs
-               on across act() calls, and ``reset(text, seed=...)`` restarts it
+    seed       seeds ``generator``, the generator on the model's device all noise comes from (None: a
+               random seed); the stream runs on across act() calls, and ``reset(text, seed=...)``
+               restarts it. (``wam_fast.sample`` draws on the CPU instead: on a GPU the two streams differ.)
     cfg_scale, cfg_schedule, uncond_text   classifier-free guidance as in ``wam_fast.sample``.
                cfg_scale None: the model's default (6 for a teacher; 1, off, for a distilled
                student, whose guidance is baked in and which refuses any other scale).
@@ -64,10 +72,12 @@ class WAMPolicy:
         self.dtype, self.device = param.dtype, param.device
         self.steps, self.sampler, self.history = int(steps), sampler, int(history)
         self.cfg_scale, self.cfg_schedule = float(cfg_scale), cfg_schedule
-        self.guided = uses_guidance(self.cfg_scale, cfg_schedule)
-        self.generator = torch.Generator("cpu")
+        self.guided = uses_guidance(self.cfg_scale, cfg_schedule)  # cfg_scale / cfg_schedule: set at init only
+        self.generator = torch.Generator(self.device)
         self._seed(seed)
         self.cache = TemporalKVCache(model) if cache else None
+        self.graphs = None  # a captured run_chunk (wam_fast.compile on CUDA), called as run_chunk is
+        self._grid_key: Optional[tuple] = None
         self.text: Optional[torch.Tensor] = None  # text rows of the episode (cond, then uncond rows)
         self.step = 0
 
@@ -111,13 +121,48 @@ class WAMPolicy:
     def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None) -> ActionChunk:
         """The action chunk (and predicted future video latents) for the current observation
         ``image_latent`` (B, 1, C, H, W), a clean latent in the model's dtype and device."""
-        c = self.config
-        rows, image, robot = self.observation_rows(image_latent, robot_id)
+        self.check_observation(image_latent, robot_id)
+        slot = None
         if self.cache is not None:
-            self.cache.add_frame(image)
+            timesteps, step_size = self.grid()
+            self.cache.set_grid(timesteps, step_size)  # host-side; recomputes nothing when unchanged
+            slot = self.cache.next_slot
+        run = self.run_chunk if self.graphs is None else self.graphs
+        video, actions = run(image_latent, robot_id, slot)
+        if self.cache is not None:
+            self.cache.note_frame()
+        self.end_step(image_latent)
+        return ActionChunk(actions=actions, video=video, sampler=self.sampler, steps=self.steps,
+                           nfe=self.steps * self.rows)
+
+    @property
+    def rows(self) -> int:
+        """Rows per observation in each forward: 2 with guidance (cond, uncond), else 1."""
+        return 2 if self.guided else 1
+
+    def grid(self):
+        """(timesteps, step_size) of the sampling options: the model timesteps the sampler evaluates."""
+        key = (self.sampler, self.steps)
+        if self._grid_key is None or self._grid_key[0] != key:
+            timesteps = SAMPLERS[self.sampler](schedule_for(self.config), self.steps).timesteps
+            self._grid_key = (key, (tuple(timesteps), step_size_for(self.config, self.steps)))
+        return self._grid_key[1]
+
+    def run_chunk(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor], slot: Optional[int]):
+        """All the device work of one chunk for a checked observation: (video, actions) float32.
+        With the cache, ``slot`` is the ring slot of this frame (``cache.next_slot``) and the cache's
+        grid is set. Reads nothing back to the host and draws only from ``generator``, so a CUDA
+        graph can hold it."""
+        c, rows = self.config, self.rows
+        image = image_latent.repeat(rows, 1, 1, 1, 1)
+        robot = None if robot_id is None else robot_id.repeat(rows)
+        if self.cache is not None:
+            self.cache.frame_pass(image, slot)
+            steps = iter(range(self.steps))
 
             def forward(video, actions, timestep, step_size):
-                return self.cache.denoise(video, actions, timestep, robot_id=robot, step_size=step_size)
+                # run_sampler calls this once per step, in grid order: step i of the cache's grid
+                return self.cache.denoise_at(next(steps), video, actions, robot_id=robot)
         else:
             history = torch.cat(tuple(self.frames), dim=1).repeat(rows, 1, 1, 1, 1) if self.frames else None
 
@@ -128,20 +173,16 @@ class WAMPolicy:
 
         chunk = run_sampler(forward, c, self.batch, self.device, self.dtype, sampler=self.sampler, steps=self.steps,
                             cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule, generator=self.generator)
-        self.end_step(image_latent)
-        return chunk
+        return chunk.video, chunk.actions
 
-    # The two halves of act() around the sampling loop, shared with the CUDA-graph runner (wam_fast.compiler.graphs).
-    def observation_rows(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]):
-        """Check one observation; return (rows, image, robot) repeated for the guidance rows."""
+    def check_observation(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]) -> None:
+        """Check one observation (host side: shapes, dtype, device; no values read)."""
         if self.text is None:
             raise RuntimeError("WAMPolicy.act: call reset(text) first (once per episode / instruction)")
         c = self.config
         check_tensor("image_latent", image_latent,
                       (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
         check_robot_id(c, robot_id, self.batch, self.device)
-        rows = 2 if self.guided else 1
-        return rows, image_latent.repeat(rows, 1, 1, 1, 1), None if robot_id is None else robot_id.repeat(rows)
 
     def end_step(self, image_latent: torch.Tensor) -> None:
         """After a chunk: the observation becomes history (uncached path), the control step advances."""

@@ -408,8 +408,10 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
 
 def initial_noise(noise, video_shape, action_shape, generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """``noise`` checked, or (video, actions) drawn from ``generator`` (video first)."""
-    if noise is None:
-        return torch.randn(video_shape, generator=generator), torch.randn(action_shape, generator=generator)
+    if noise is None:  # drawn on the generator's device (a policy's generator lives on the model's device)
+        device = generator.device if generator is not None else None
+        return (torch.randn(video_shape, generator=generator, device=device),
+                torch.randn(action_shape, generator=generator, device=device))
     if not isinstance(noise, (tuple, list)) or len(noise) != 2:
         raise TypeError(f"noise must be a pair (video_noise, action_noise) of tensors, got {type(noise).__name__}"
                         + (f" of length {len(noise)}" if isinstance(noise, (tuple, list)) else ""))

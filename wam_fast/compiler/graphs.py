@@ -1,287 +1,181 @@
-"""CUDA graphs over a WAMPolicy's few-step sampling loop (``wam_fast.compile`` attaches them on CUDA).
+"""CUDA graphs over a cached WAMPolicy's whole chunk (``wam_fast.compile`` plugs them in on CUDA).
 
-What one ``act(image_latent)`` does with a graph attached:
+``WAMPolicy.act`` does host checks and bookkeeping around one call, ``run_chunk(image_latent,
+robot_id, slot)``, which holds all the device work of a chunk: the frame pass into the KV cache's
+ring slot ``slot`` (history aging and the visibility of each slot are computed on the device), the
+initial noise and any sampler noise (drawn from the policy's generator, on the device), every
+denoising step with its precomputed AdaLN tables, every sampler update, the action readout.
+``ChunkGraphs`` is a drop-in for that call (``policy.graphs``; the policy's class is not changed):
 
-    cache.add_frame(image)                 eager, outside the graph: Python ring-slot bookkeeping and
-                                           in-place writes into the cache's static buffers
-    initial noise                          drawn on the policy's CPU generator exactly as the eager
-                                           loop draws it (video, then actions), copied into static buffers
-    graph.replay()                         "loop" mode: every denoising step (cache.denoise on the
-                                           static buffers) and every sampler update in ONE graph; the
-                                           samplers' coefficients are Python floats, constant for a
-                                           step count, so they are baked in
-    clone the chunk out of the graph's static outputs
+    first act() in ring slot s      run_chunk eagerly (the real chunk, and the warm-up: Triton
+                                    compiles, torch.compile traces), then capture it into graph s
+    every later act() in slot s     copy the observation (and robot ids) in, replay graph s, copy
+                                    the video and actions out: ONE replay, no other launch
 
-So a compiled policy returns the chunks the eager policy returns for the same seed. Samplers that
-draw fresh noise inside their steps ("dpm++2m-sde", "consistency": a CPU generator draw that a graph
-cannot replay) run in "step" mode instead: one graph holds one denoising forward and is replayed at
-every step, the sampler's updates (and draws) run eagerly between replays, so the noise stream is
-still the eager one. ``sampler_draws_noise`` decides, by running the sampler on zeros and watching
-its generator.
+One graph per slot because the slot is the frame pass's only Python input (the offsets it writes);
+for ``history`` past frames there are ``history + 1``. The graphs share one memory pool (they never
+run at the same time). A graph is bound to the cache's buffers, the batch, the sampling options and
+the dtype: when any of these change, every graph is dropped and re-captured on the next act. The
+generator's draws inside a graph continue its stream at each replay (torch's graph-safe RNG), so a
+compiled policy returns the eager policy's chunks for the same seed.
 
-Capture: warm-up runs on a side stream (Triton compiles, op-level lookup tables are built), then
-capture, then replay; nothing inside reads a tensor value on the host (no sync). A graph is bound
-to the cache's buffers, the batch and the sampling options: ``reset`` with another batch (the
-cache reallocates), or changed options, re-capture on the next act. Only the cached path is
-captured: the uncached forward builds RoPE tables with host-to-device copies per call.
-
-``attach(policy, capture=EagerCapture)`` runs the same machinery on the CPU with a stand-in that
-re-runs the captured function on the static buffers (tests: every copy-in, mode choice and
-re-capture is exercised without a GPU; it also refuses a captured function that draws from a CPU
-generator, as a real capture would).
+``ChunkGraphs(policy, capture=EagerCapture)`` runs the same machinery on the CPU with a stand-in whose
+replay re-runs the captured call on the static inputs (tests: every copy-in, capture and re-capture
+is exercised without a GPU).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from wam_fast.policy import WAMPolicy
-from wam_fast.sampling import SAMPLERS, initial_noise, run_sampler, step_size_for
-from wam_fast.schedules import schedule_for
-
-GRAPHS_ATTR = "_wam_fast_graphs"
 
 
 # ---- capture backends ---------------------------------------------------------------------------------
 class CudaGraphCapture:
-    """One torch.cuda.CUDAGraph: ``capture(fn)`` warms ``fn`` up on a side stream, captures one call
-    and returns its outputs (static tensors); ``replay()`` re-runs the kernels into those tensors."""
+    """One torch.cuda.CUDAGraph: ``capture(fn)`` records one call of ``fn`` (nothing runs) and keeps
+    its outputs, static tensors that ``replay()`` refills. ``pool``: a memory pool shared with other
+    graphs that never run concurrently. ``generator``: a CUDA generator ``fn`` draws from (registered
+    with the graph, so each replay continues its stream)."""
 
-    def __init__(self, device: torch.device, warmup: int = 2, generator: Optional[torch.Generator] = None):
+    def __init__(self, device: torch.device, pool=None, generator: Optional[torch.Generator] = None):
         if torch.device(device).type != "cuda":
             raise ValueError(f"CudaGraphCapture needs a CUDA device, got {device}")
-        self.device, self.warmup = torch.device(device), int(warmup)
+        self.device, self.pool, self.generator = torch.device(device), pool, generator
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.outputs: Tuple[torch.Tensor, ...] = ()
 
-    def capture(self, fn: Callable[[], Tuple[torch.Tensor, ...]]) -> Tuple[torch.Tensor, ...]:
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                fn()
-        current.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+    def capture(self, fn: Callable[[], Tuple[torch.Tensor, ...]]) -> None:
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None and self.generator.device.type == "cuda":
+            register = getattr(graph, "register_generator_state", None)
+            if register is None:
+                raise RuntimeError(f"torch {torch.__version__} cannot capture draws from a policy's own CUDA "
+                                   f"generator (CUDAGraph.register_generator_state needs torch >= 2.5); compile "
+                                   f"with CompileConfig(cuda_graphs=False)")
+            register(self.generator)
+        with torch.cuda.graph(graph, pool=self.pool):
             self.outputs = tuple(fn())
-        return self.outputs
+        self.graph = graph
 
     def replay(self) -> Tuple[torch.Tensor, ...]:
         self.graph.replay()
         return self.outputs
 
+    def memory_pool(self):
+        return self.graph.pool()
+
 
 class EagerCapture:
-    """CPU stand-in with a graph's contract: ``replay()`` re-runs the captured function (reading the
-    same static input tensors) and writes its results into the tensors ``capture`` returned. Raises,
-    as a real capture would fail, when the captured function draws from ``generator``."""
+    """CPU stand-in with a graph's contract: ``capture`` runs nothing; ``replay()`` re-runs the
+    captured call (reading the same static input tensors) into the same output tensors."""
 
-    def __init__(self, device: torch.device, warmup: int = 0, generator: Optional[torch.Generator] = None):
-        self.device, self.generator = torch.device(device), generator
+    def __init__(self, device: torch.device, pool=None, generator: Optional[torch.Generator] = None):
+        self.device = torch.device(device)
         self.fn: Optional[Callable] = None
         self.outputs: Tuple[torch.Tensor, ...] = ()
 
-    def _run(self):
-        state = None if self.generator is None else self.generator.get_state()
-        out = tuple(self.fn())
-        if state is not None and not torch.equal(state, self.generator.get_state()):
-            raise RuntimeError("the captured function drew from a CPU generator: a CUDA graph cannot replay a host "
-                               "draw (this sampler needs step mode)")
-        return out
-
-    def capture(self, fn):
+    def capture(self, fn) -> None:
         self.fn = fn
-        self.outputs = self._run()
-        return self.outputs
 
     def replay(self):
-        for static, fresh in zip(self.outputs, self._run()):
-            static.copy_(fresh)
+        fresh = tuple(self.fn())
+        if not self.outputs:
+            self.outputs = tuple(t.clone() for t in fresh)
+        else:
+            for static, value in zip(self.outputs, fresh):
+                static.copy_(value)
         return self.outputs
 
-
-# ---- which samplers can live inside one graph -----------------------------------------------------------
-def sampler_draws_noise(config, sampler: str, steps: int) -> bool:
-    """Whether ``sampler`` draws from its generator inside its steps (beyond the initial noise), found by
-    running it for ``steps`` steps on zeros on the CPU and comparing the generator state."""
-    generator = torch.Generator("cpu").manual_seed(0)
-    before = generator.get_state()
-    solver = SAMPLERS[sampler](schedule_for(config), steps, generator)
-    x = torch.zeros(1, 2)
-    for i in range(steps):
-        x = solver.step(i, x, torch.zeros_like(x))
-    return not torch.equal(before, generator.get_state())
+    def memory_pool(self):
+        return None
 
 
 # ---- the runner -------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class _Entry:
-    key: tuple
+class _Graph:
     capture: object
-    robot: Optional[torch.Tensor]
-    inputs: Tuple[torch.Tensor, ...]     # loop: (video noise, action noise); step: (video, actions, t[, step_size])
-    template: object = None              # loop: the ActionChunk of the capture (its non-tensor fields)
+    image: torch.Tensor             # static observation (B, 1, C, H, W)
+    robot: Optional[torch.Tensor]   # static robot ids (B,) or None
 
 
-class PolicyGraphs:
-    """Runs ``act`` of a cached WAMPolicy with its sampling loop in a graph (module docstring)."""
+class ChunkGraphs:
+    """``policy.graphs``: ``(image_latent, robot_id, slot) -> (video, actions)`` as
+    ``policy.run_chunk``, from one captured graph per ring slot (module docstring)."""
 
-    def __init__(self, policy: WAMPolicy, capture=CudaGraphCapture, warmup: int = 2):
+    def __init__(self, policy: WAMPolicy, capture=CudaGraphCapture):
+        if not isinstance(policy, WAMPolicy):
+            raise TypeError(f"ChunkGraphs expects a WAMPolicy, got {type(policy).__name__}")
         if policy.cache is None:
-            raise ValueError("graphs capture the KV-cached sampling loop; this WAMPolicy has cache=False")
-        self.policy, self.capture_cls, self.warmup = policy, capture, warmup
-        self.entry: Optional[_Entry] = None
-        self.captures = 0  # graphs captured so far (re-captures included)
-
-    # -- description --
-    def mode(self) -> str:
-        p = self.policy
-        return "step" if sampler_draws_noise(p.config, p.sampler, p.steps) else "loop"
+            raise ValueError("graphs capture the KV-cached chunk; this WAMPolicy has cache=False")
+        self.policy, self.capture_cls = policy, capture
+        self.graphs: Dict[int, _Graph] = {}
+        self.bound: Optional[tuple] = None  # what every graph is bound to (``_binding``)
+        self.captures = 0   # graphs captured so far (re-captures included)
+        self.replays = 0
 
     def describe(self) -> str:
         p = self.policy
-        if self.mode() == "loop":
-            return (f"one CUDA graph over the whole sampling loop ({p.sampler}, {p.steps} steps: denoising forwards "
-                    f"+ sampler updates; add_frame outside, noise pre-drawn on the CPU generator); captured at the "
-                    f"first act() and again when the batch or the options change")
-        return (f"one CUDA graph per denoising step, replayed {p.steps}x per chunk: the {p.sampler!r} sampler draws "
-                f"fresh noise inside its steps from the CPU generator, so its updates run eagerly between replays")
+        slots = p.history + 1
+        return (f"one CUDA graph per action chunk ({p.sampler}, {p.steps} steps: the frame pass, every denoising "
+                f"step, the sampler's updates and draws, the action readout), one per KV-cache ring slot "
+                f"({slots}); captured at the first act() in each slot and again when the batch, the options or "
+                f"the cache's buffers change")
 
-    # -- act --
+    def _binding(self, robot_id) -> tuple:
+        p, cache = self.policy, self.policy.cache
+        tables = [t for pair in cache._grid_tables for t in pair] + list(cache._frame_tables or ())
+        buffers = tuple(t.data_ptr() for t in [cache.k, cache.v, cache.encoded_k] + tables if t is not None)
+        robot = None if robot_id is None else (robot_id.dtype, tuple(robot_id.shape))
+        return (p.sampler, p.steps, p.cfg_scale, p.cfg_schedule, p.batch, p.rows, cache.batch, cache.max_history,
+                cache.grid, robot, buffers, p.dtype, p.device, id(p.generator))
+
     @torch.no_grad()
-    def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None):
+    def __call__(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor], slot: int):
         p = self.policy
-        rows, image, robot = p.observation_rows(image_latent, robot_id)
         if p.cache is None:
             raise RuntimeError("the policy's KV cache was removed after compile; its graphs need it")
-        c = p.config
-        p.cache.add_frame(image)  # outside the graph
-        entry = self._entry(rows, robot)
-        if entry.robot is not None:
-            entry.robot.copy_(robot)
-        if entry.template is not None:  # loop mode: the eager loop's initial draws, then one replay
-            video_noise, action_noise = initial_noise(None, self._video_shape(), self._action_shape(), p.generator)
-            entry.inputs[0].copy_(video_noise)
-            entry.inputs[1].copy_(action_noise)
-            video, actions = entry.capture.replay()
-            chunk = dataclasses.replace(entry.template, actions=actions.clone(), video=video.clone())
-        else:
-            def forward(video, actions, timestep, step_size):
-                for static, value in zip(entry.inputs, (video, actions, timestep, step_size)):
-                    static.copy_(value)
-                video_out, action_out = entry.capture.replay()
-                return video_out.clone(), action_out.clone()
+        binding = self._binding(robot_id)
+        if binding != self.bound:
+            self.graphs.clear()  # drop stale graphs (and their memory) before capturing new ones
+            self.bound = binding
+        graph = self.graphs.get(slot)
+        if graph is None:
+            video, actions = p.run_chunk(image_latent, robot_id, slot)  # the real chunk, and the warm-up
+            self.graphs[slot] = self._capture(image_latent, robot_id, slot)
+            return video, actions
+        graph.image.copy_(image_latent)
+        if graph.robot is not None:
+            graph.robot.copy_(robot_id)
+        video, actions = graph.capture.replay()
+        self.replays += 1
+        return video.clone(), actions.clone()
 
-            chunk = run_sampler(forward, c, p.batch, p.device, p.dtype, sampler=p.sampler, steps=p.steps,
-                                cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule, generator=p.generator)
-        p.end_step(image_latent)
-        return chunk
-
-    # -- capture --
-    def _video_shape(self):
-        c = self.policy.config
-        return (self.policy.batch, c.noisy_frames, c.latent_channels, c.latent_height, c.latent_width)
-
-    def _action_shape(self):
-        c = self.policy.config
-        return (self.policy.batch, c.action_len, c.action_dim)
-
-    def _key(self, rows: int, robot) -> tuple:
-        p, cache = self.policy, self.policy.cache
-        buffers = tuple(t.data_ptr() for t in (cache.k, cache.v, cache.encoded_k) if t is not None)
-        return (p.sampler, p.steps, p.cfg_scale, p.cfg_schedule, p.batch, rows, cache.batch, cache.max_history,
-                None if robot is None else (robot.dtype, tuple(robot.shape)), buffers, p.dtype, p.device)
-
-    def _entry(self, rows: int, robot) -> _Entry:
-        key = self._key(rows, robot)
-        if self.entry is not None and self.entry.key == key:
-            return self.entry
-        self.entry = None  # drop the old graph (and its memory pool) before capturing the new one
-        self.entry = self._capture(key, rows, robot)
+    def _capture(self, image_latent, robot_id, slot: int) -> _Graph:
+        p = self.policy
+        image = image_latent.clone()
+        robot = None if robot_id is None else robot_id.clone()
+        pool = next((g.capture.memory_pool() for g in self.graphs.values()), None)
+        capture = self.capture_cls(p.device, pool=pool, generator=p.generator)
+        capture.capture(lambda: p.run_chunk(image, robot, slot))
         self.captures += 1
-        return self.entry
-
-    def _capture(self, key, rows: int, robot) -> _Entry:
-        p, c, cache = self.policy, self.policy.config, self.policy.cache
-        static_robot = None if robot is None else robot.clone()
-        # the captured code must never draw: a dedicated generator it is handed, and watched
-        guard = torch.Generator("cpu").manual_seed(0)
-        capture = self.capture_cls(p.device, warmup=self.warmup, generator=guard)
-        zeros = dict(device=p.device)
-        if self.mode() == "loop":
-            video_noise = torch.zeros(self._video_shape(), dtype=torch.float32, **zeros)
-            action_noise = torch.zeros(self._action_shape(), dtype=torch.float32, **zeros)
-            template = []
-
-            def denoise(video, actions, timestep, step_size):
-                return cache.denoise(video, actions, timestep, robot_id=static_robot, step_size=step_size)
-
-            def loop():
-                chunk = run_sampler(denoise, c, p.batch, p.device, p.dtype, sampler=p.sampler, steps=p.steps,
-                                    cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule, generator=guard,
-                                    noise=(video_noise, action_noise))
-                template[:] = [chunk]
-                return chunk.video, chunk.actions
-
-            capture.capture(loop)
-            return _Entry(key, capture, static_robot, (video_noise, action_noise),
-                          dataclasses.replace(template[0], actions=None, video=None))
-        n = rows * p.batch
-        inputs: List[torch.Tensor] = [torch.zeros((n,) + self._video_shape()[1:], dtype=p.dtype, **zeros),
-                                      torch.zeros((n,) + self._action_shape()[1:], dtype=p.dtype, **zeros),
-                                      torch.zeros(n, dtype=torch.float32, **zeros)]
-        if step_size_for(c, p.steps) is not None:
-            inputs.append(torch.zeros(n, dtype=torch.float32, **zeros))
-
-        def step():
-            return cache.denoise(inputs[0], inputs[1], inputs[2], robot_id=static_robot,
-                                 step_size=inputs[3] if len(inputs) > 3 else None)
-
-        capture.capture(step)
-        return _Entry(key, capture, static_robot, tuple(inputs))
+        return _Graph(capture, image, robot)
 
 
-# ---- attaching to a policy ---------------------------------------------------------------------------------
-class CompiledWAMPolicy(WAMPolicy):
-    """A WAMPolicy after ``wam_fast.compile``: the same object and methods (its class is swapped in
-    place, as ``fuse`` swaps module classes); ``act`` replays the attached graphs when there are any."""
-
-    @torch.no_grad()
-    def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None):
-        runner = self.__dict__.get(GRAPHS_ATTR)
-        if runner is None:
-            return super().act(image_latent, robot_id)
-        return runner.act(image_latent, robot_id)
-
-
-def make_compiled(policy: WAMPolicy) -> WAMPolicy:
-    """Swap the policy's class to CompiledWAMPolicy (a user subclass keeps its class: its act is its own)."""
-    if type(policy) is WAMPolicy:
-        policy.__class__ = CompiledWAMPolicy
-    return policy
-
-
-def attach(policy: WAMPolicy, capture=CudaGraphCapture, warmup: int = 2) -> PolicyGraphs:
-    """Run ``policy.act`` through a PolicyGraphs runner (``capture``: CudaGraphCapture, or EagerCapture
-    on the CPU for tests). Returns the runner."""
-    if not isinstance(policy, WAMPolicy):
-        raise TypeError(f"attach expects a WAMPolicy, got {type(policy).__name__}")
-    if type(policy) not in (WAMPolicy, CompiledWAMPolicy):
-        raise TypeError(f"attach: {type(policy).__name__} is a WAMPolicy subclass with its own act(); graphs "
-                        f"replace WAMPolicy.act and are attached to WAMPolicy itself only")
-    runner = PolicyGraphs(policy, capture, warmup)
-    make_compiled(policy)
-    policy.__dict__[GRAPHS_ATTR] = runner
+# ---- plugging into a policy ------------------------------------------------------------------------------
+def attach(policy: WAMPolicy, capture=CudaGraphCapture) -> ChunkGraphs:
+    """Run ``policy``'s chunks through a ChunkGraphs runner (``capture``: CudaGraphCapture, or
+    EagerCapture on the CPU for tests). Returns the runner."""
+    runner = ChunkGraphs(policy, capture)
+    policy.graphs = runner
     return runner
 
 
 def detach(policy: WAMPolicy) -> None:
-    """Back to eager act (the graphs are dropped)."""
-    policy.__dict__.pop(GRAPHS_ATTR, None)
+    """Back to the eager chunk (the graphs are dropped)."""
+    policy.graphs = None
 
 
-__all__ = ["CudaGraphCapture", "EagerCapture", "PolicyGraphs", "CompiledWAMPolicy", "attach", "detach",
-           "make_compiled", "sampler_draws_noise"]
+__all__ = ["ChunkGraphs", "CudaGraphCapture", "EagerCapture", "attach", "detach"]

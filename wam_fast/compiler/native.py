@@ -96,12 +96,12 @@ def compile_policy(policy, config: CompileConfig, filter_fn, report: CompileRepo
                          "which reset() fills")
     loop_graph = device.type == "cuda" and config.cuda_graphs is not False and wants_cache
     if config.cuda_graphs and not wants_cache:
-        raise ValueError("cuda_graphs=True: the WAMPolicy's loop graph needs the KV cache (cache=True and a "
-                         "mask='temporal' model); the uncached forward builds its RoPE tables with host-to-device "
-                         "copies, which a CUDA graph cannot hold. Use cuda_graphs=None")
-    if config.cuda_graphs and type(policy) not in (WAMPolicy, policy_graphs.CompiledWAMPolicy):
-        raise ValueError(f"cuda_graphs=True: {type(policy).__name__} overrides WAMPolicy and keeps its own act(), "
-                         f"which the loop graph would replace")
+        raise ValueError("cuda_graphs=True: the WAMPolicy's chunk graph needs the KV cache (cache=True and a "
+                         "mask='temporal' model): uncached, the window of past frames grows over the first steps "
+                         "and is held on the host. Use cuda_graphs=None")
+    if config.cuda_graphs and not _runs_its_chunk(policy):
+        raise ValueError(f"cuda_graphs=True: {type(policy).__name__} overrides WAMPolicy's act() or run_chunk(), "
+                         f"which the chunk graph would bypass")
     # the cached loop graph holds the model's pieces; the uncached forward may get torch.compile's graphs
     model_graphs = "policy" if loop_graph else "module"
     if getattr(model, REPORT_ATTR, None) is None:
@@ -139,18 +139,24 @@ def compile_policy(policy, config: CompileConfig, filter_fn, report: CompileRepo
     if policy.cache is not None and config.backend != "eager":
         # be exact about reach: the cached passes call the blocks directly, not model.forward
         report.skip("cached steps: torch.compile", "the KV cache runs the blocks outside model.forward, so "
-                    "torch.compile of forward does not reach the cached denoising steps (they run eagerly; on "
-                    "CUDA the loop graph holds them)")
+                    "torch.compile of forward does not reach the cached frame pass and denoising steps (they run "
+                    "as fused ops; on CUDA the chunk graph holds them)")
     if device.type != "cuda":
         report.skip("cuda_graphs", f"no CUDA device (the policy runs on {device}): the sampling loop runs eagerly")
     elif config.cuda_graphs is False:
         report.skip("cuda_graphs", "cuda_graphs=False")
     elif policy.cache is None:
-        report.skip("cuda_graphs", "uncached policy: its forward builds RoPE tables with host-to-device copies that a "
-                                   "loop graph cannot hold (the model's torch.compile may use its own CUDA graphs)")
-    elif type(policy) not in (WAMPolicy, policy_graphs.CompiledWAMPolicy):
-        report.skip("cuda_graphs", f"{type(policy).__name__} is a WAMPolicy subclass with its own act(): left as is")
+        report.skip("cuda_graphs", "uncached policy: its window of past frames grows over the first steps and is held "
+                                   "on the host, so no one graph fits every act() (the model's torch.compile may use "
+                                   "its own CUDA graphs)")
+    elif not _runs_its_chunk(policy):
+        report.skip("cuda_graphs", f"{type(policy).__name__} overrides WAMPolicy's act() or run_chunk(): left as is")
     else:
         runner = policy_graphs.attach(policy, policy_graphs.CudaGraphCapture)
         report.apply("cuda_graphs", runner.describe())
-    policy_graphs.make_compiled(policy)
+
+
+def _runs_its_chunk(policy) -> bool:
+    """Whether ``policy.act`` calls WAMPolicy's own chunk (a subclass may override either)."""
+    cls = type(policy)
+    return cls.act is WAMPolicy.act and cls.run_chunk is WAMPolicy.run_chunk

@@ -118,8 +118,8 @@ class SegmentLayout:
 
     def segment_timesteps(self, timestep: torch.Tensor) -> torch.Tensor:
         """(B,) denoising timestep -> (B, S): noisy segments get it, clean context gets 0."""
-        noisy = torch.tensor(self.noisy, device=timestep.device)
-        return torch.where(noisy, timestep[:, None], torch.zeros_like(timestep)[:, None])
+        zeros = torch.zeros_like(timestep)  # no tensor from Python data: no host-to-device copy
+        return torch.stack([timestep if noisy else zeros for noisy in self.noisy], dim=1)
 
 
 def build_layout(config, num_history: int = 0, has_image: bool = True) -> SegmentLayout:

@@ -5,6 +5,7 @@ Built from named pieces (``AdaLNModulate``, ``Attention``, ``GatedResidualAdaLN`
 """
 from __future__ import annotations
 
+import collections
 import math
 from pathlib import Path
 from typing import Optional, Tuple
@@ -27,7 +28,12 @@ class ForwardContext:
     ``attention_fn`` (``functional.attention`` or ``wam_fast.ops.attention``, same signature); by
     default the layout's rule (``FullAttention`` or ``TemporalAttention``). A KV cache passes its own
     plan, which also stores the layer's K/V (``wam_fast.cache``). ``layer`` is set by the model's
-    block loop before each block.
+    block loop before each block. ``modulation``: None, or every block's AdaLN table precomputed,
+    (layers, B, S, 2, 3, D) (``WAMTransformer.modulation_tables``), which the blocks then read
+    instead of running their AdaLN projections (a KV cache does this for a fixed step grid).
+
+    The device tensors (RoPE tables, segment ids) come from ``layout_tables``: built once per layout,
+    on the device, never copied from the host during a forward.
     """
 
     def __init__(self, layout: SegmentLayout, config: WAMConfig, device: torch.device, plan=None):
@@ -35,29 +41,83 @@ class ForwardContext:
         self.segments = layout.lengths
         self.mod_index = tuple(range(layout.num_segments))  # one modulation set per segment
         # per segment: which half of each block's AdaLN table it reads (video = 0, text = 1)
-        self.adaln_half = torch.tensor([1 - m for m in layout.mod_set], device=device)
+        self.adaln_half = tuple(1 - m for m in layout.mod_set)
+        tables = layout_tables(layout, config, device)
         self.rope_start, self.rope_end = layout.video_span
-        self.rope_cos, self.rope_sin = rope_tables(config, layout.rope_positions, device)
+        self.rope_cos, self.rope_sin = tables["rope_cos"], tables["rope_sin"]
         if plan is None:
-            plan = FullAttention() if layout.mask == "full" else TemporalAttention(layout, config, device)
+            plan = FullAttention() if layout.mask == "full" else TemporalAttention(layout, tables)
         self.plan = plan
         self.layer = 0
+        self.modulation: Optional[torch.Tensor] = None
 
     def attend(self, q, k, v, attention_fn):
         """(B, H, N, hd) q, k, v of this forward's tokens -> attention output (B, H, N, hd)."""
         return self.plan(q, k, v, self.layer, attention_fn)
 
 
+def positions_tensor(values, device) -> torch.Tensor:
+    """float32 tensor of the ints ``values``, made on ``device`` from aranges (no host-to-device copy)."""
+    values = tuple(int(v) for v in values)
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            runs.append(torch.arange(values[start], values[i - 1] + 1, dtype=torch.float32, device=device))
+            start = i
+    if not runs:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    return runs[0] if len(runs) == 1 else torch.cat(runs)
+
+
 def rope_tables(config: WAMConfig, frame_positions, device, tokens_per_frame=None):
-    """float32 (frames * tokens_per_frame, head_dim) cos, sin for frames at ``frame_positions``.
+    """float32 (frames * tokens_per_frame, head_dim) cos, sin for frames at ``frame_positions`` (ints,
+    or a float tensor on ``device``: the KV cache's frame ages live on the device).
 
     With ``tokens_per_frame`` given, only the time axis rotates (rows and columns at 0): the table
     that moves a frame's keys in time by ``frame_positions`` (history key shifts)."""
+    if not isinstance(frame_positions, torch.Tensor):
+        frame_positions = positions_tensor(frame_positions, device)
     if tokens_per_frame is None:
         grid = (config.latent_height // config.patch_size, config.latent_width // config.patch_size)
         return WF.rope_cos_sin(frame_positions, *grid, config.rope_axes, config.rope_theta, device)
     cos, sin = WF.rope_cos_sin(frame_positions, 1, 1, config.rope_axes, config.rope_theta, device)
     return cos.repeat_interleave(tokens_per_frame, 0), sin.repeat_interleave(tokens_per_frame, 0)
+
+
+_LAYOUT_TABLES: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+_LAYOUT_TABLES_MAX = 64
+
+
+def layout_tables(layout: SegmentLayout, config: WAMConfig, device) -> dict:
+    """The device tensors of one layout: RoPE tables and, for mask="temporal", the segment ids and
+    history key shifts of ``TemporalAttention``. Built once per (layout, config, device) and kept;
+    while torch.compile traces they are built inline (factory ops only: constants of the graph)."""
+    if torch.compiler.is_compiling():
+        return _build_layout_tables(layout, config, device)
+    key = (layout, config, torch.device(device))
+    tables = _LAYOUT_TABLES.get(key)
+    if tables is None:
+        tables = _LAYOUT_TABLES[key] = _build_layout_tables(layout, config, device)
+        while len(_LAYOUT_TABLES) > _LAYOUT_TABLES_MAX:
+            _LAYOUT_TABLES.popitem(last=False)
+    return tables
+
+
+def _build_layout_tables(layout: SegmentLayout, config: WAMConfig, device) -> dict:
+    tables = {}
+    tables["rope_cos"], tables["rope_sin"] = rope_tables(config, layout.rope_positions, device)
+    if layout.mask == "temporal":
+        text, context, tpf = layout.text_len, layout.context_len, layout.tokens_per_frame
+        tables["frame_query_segments"] = torch.ones(tpf, dtype=torch.int32, device=device)
+        key_segments = []
+        for f in range(layout.clean_frames):  # 0 text, 1 this frame, 2 another frame (hidden)
+            ids = torch.full((context,), 2, dtype=torch.int32, device=device)
+            ids[:text] = 0
+            ids[text + f * tpf:text + (f + 1) * tpf] = 1
+            key_segments.append(ids)
+        tables["frame_key_segments"] = key_segments
+        tables["shift_cos"], tables["shift_sin"] = rope_tables(config, layout.history_key_shifts, device, tpf)
+    return tables
 
 
 class FullAttention:
@@ -73,18 +133,13 @@ class TemporalAttention:
     noisy -> everything, with history keys moved back in time by their age. A KV cache runs the same
     calls over its buffers, which is why cached and uncached runs agree to rounding."""
 
-    def __init__(self, layout: SegmentLayout, config: WAMConfig, device):
+    def __init__(self, layout: SegmentLayout, tables: dict):
         self.text, self.context = layout.text_len, layout.context_len
         tpf = layout.tokens_per_frame
         self.frames = [(self.text + f * tpf, self.text + (f + 1) * tpf) for f in range(layout.clean_frames)]
-        self.frame_query_segments = torch.ones(tpf, dtype=torch.int32, device=device)
-        self.frame_key_segments = []
-        for start, end in self.frames:  # 0 text, 1 this frame, 2 another frame (hidden)
-            ids = torch.full((self.context,), 2, dtype=torch.int32)
-            ids[:self.text] = 0
-            ids[start:end] = 1
-            self.frame_key_segments.append(ids.to(device))
-        self.shift_cos, self.shift_sin = rope_tables(config, layout.history_key_shifts, device, tpf)
+        self.frame_query_segments = tables["frame_query_segments"]
+        self.frame_key_segments = tables["frame_key_segments"]
+        self.shift_cos, self.shift_sin = tables["shift_cos"], tables["shift_sin"]
 
     def __call__(self, q, k, v, layer, attention_fn):
         text, context = self.text, self.context
@@ -235,10 +290,11 @@ class WAMBlock(nn.Module):
         """(B, S, E) per-segment time embeddings -> (B, S, 2 norms, 3 (shift, scale, gate), D)."""
         b, s, _ = temb.shape
         table = self.adaln(F.silu(temb)).view(b, s, 2, 2, 3, -1)  # (B, S, norm, set, 3, D)
-        return table.gather(3, ctx.adaln_half.view(1, s, 1, 1, 1, 1).expand(b, s, 2, 1, 3, table.shape[-1])).squeeze(3)
+        # each segment's set picked by Python indices: no index tensor (no host copy, no graph break)
+        return torch.stack([table[:, i, :, half] for i, half in enumerate(ctx.adaln_half)], dim=1)
 
     def forward(self, h, temb, ctx: ForwardContext):
-        mod = self.modulation(temb, ctx)
+        mod = self.modulation(temb, ctx) if ctx.modulation is None else ctx.modulation[ctx.layer]
         shift1, scale1, gate1 = mod[:, :, 0].unbind(2)
         shift2, scale2, gate2 = mod[:, :, 1].unbind(2)
         attn_out = self.attn(self.norm1(h, shift1, scale1, ctx), ctx)
@@ -370,6 +426,11 @@ class WAMTransformer(nn.Module):
         else:
             padded = torch.zeros_like(video)
         return self.patch_embed(torch.cat((video, padded), dim=2))
+
+    def modulation_tables(self, temb: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Every block's AdaLN table for the time embeddings ``temb`` (B, S, E):
+        (layers, B, S, 2 norms, 3, D). Set as ``ctx.modulation``, the blocks skip their projections."""
+        return torch.stack([block.modulation(temb, ctx) for block in self.blocks])
 
     def run_blocks(self, h: torch.Tensor, temb: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """All blocks over the tokens h (B, n, D); temb (B, S, E) one time embedding per segment of ctx."""

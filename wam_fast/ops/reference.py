@@ -6,24 +6,17 @@ modulation set of segment s; per-set tensors are (B, S, D) and broadcast over th
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 
-@functools.lru_cache(maxsize=64)
-def _token_sets(segments: Tuple[int, ...], mod_index: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    # built once per layout and device, not once per op call (no host-to-device copy per layer)
-    cpu = torch.device("cpu")  # explicit: a torch.device("meta") context would change the default
-    return torch.repeat_interleave(torch.tensor(mod_index, dtype=torch.long, device=cpu),
-                                   torch.tensor(segments, dtype=torch.long, device=cpu)).to(device)
-
-
 def expand_segments(values: torch.Tensor, segments: Sequence[int], mod_index: Sequence[int]) -> torch.Tensor:
-    """(B, S, D) per-set values -> (B, N, D) per-token values."""
-    return values.index_select(1, _token_sets(tuple(segments), tuple(mod_index), values.device))
+    """(B, S, D) per-set values -> (B, N, D) per-token values (one cat of broadcast views: no index
+    tensor, so no host-to-device copy and nothing torch.compile must break on)."""
+    parts = [values[:, s:s + 1].expand(-1, n, -1) for n, s in zip(segments, mod_index)]
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def adaln_modulate(x, shift, scale, segments, mod_index, weight=None, bias=None, eps: float = 1e-5):
@@ -47,11 +40,13 @@ def gated_residual_adaln(residual, x, gate, shift, scale, segments, mod_index, w
 def rope_cos_sin(frame_positions: Sequence[int], grid_height: int, grid_width: int,
                  axes_dim: Sequence[int], theta: float = 10000.0, device=None):
     """3D RoPE tables for video tokens ordered (frame, row, column): two (Nv, head_dim) float32.
+    ``frame_positions``: ints, or a float tensor already on ``device``.
 
     The head dim splits into (t, h, w) parts; each part rotates interleaved pairs (x0, x1), (x2, x3)...
     by position * theta ** (-2i / part_dim).
     """
-    frames = torch.tensor(tuple(frame_positions), dtype=torch.float32, device=device)
+    frames = (frame_positions.float() if isinstance(frame_positions, torch.Tensor)
+              else torch.tensor(tuple(frame_positions), dtype=torch.float32, device=device))
     rows = torch.arange(grid_height, dtype=torch.float32, device=device)
     cols = torch.arange(grid_width, dtype=torch.float32, device=device)
     grid = torch.stack(torch.meshgrid(frames, rows, cols, indexing="ij"), dim=-1).reshape(-1, 3)
