@@ -20,7 +20,7 @@ FP8_MIN_SCALE = 1e-12
 
 
 @triton.jit
-def _round_to_e4m3_grid(q):
+def round_to_e4m3_grid(q):
     """Round fp32 values in [-448, 448] to the nearest e4m3 value (ties to even), staying in fp32.
 
     Used only under TRITON_INTERPRET=1: the interpreter's fp32 -> float8e4nv cast rounds half-up on
@@ -76,7 +76,7 @@ def modulate_rows(v, pid_b, rows, cols, row_mask, col_mask, sets,
         q = y / row_scale[:, None]
         q = tl.minimum(tl.maximum(q, -448.0), 448.0)
         if EXACT_FP8_ROUNDING:
-            q = _round_to_e4m3_grid(q)
+            q = round_to_e4m3_grid(q)
         tl.store(out_ptrs, q.to(tl.float8e4nv), mask=mask)
         tl.store(ys_ptr + out_rows, row_scale, mask=row_mask)
     else:

@@ -3,10 +3,12 @@
     op                     Triton kernel               dispatch + custom op          CUDA (csrc/)
     adaln_modulate         kernels/adaln_modulate.py   wam_fast/ops/adaln_modulate.py   adaln_modulate.cu
     gated_residual_adaln   kernels/gated_residual_adaln.py  ...                      gated_residual_adaln.cu
+    gated_residual         kernels/gated_residual.py   ...                           -
     qk_norm_rope           kernels/qk_norm_rope.py     ...                           qk_norm_rope.cu
     attention              kernels/attention.py        ...                           -
     ffn_gelu               kernels/ffn_gelu.py         ...                           -
     fp8_linear             kernels/fp8_linear.py       ...                           - (torch._scaled_mm)
+    quantize_rowwise       kernels/quantize_rowwise.py ...                           -
 
 Tests: tests/test_<name>.py; benchmarks: benchmarks/bench_<name>.py; the float32 references are in
 wam_fast/ops/reference.py (the reference model calls them too). ``wam_fast.ops.<name>`` is the function; the module holding it and
@@ -22,10 +24,13 @@ from wam_fast.ops.adaln_modulate import adaln_modulate
 from wam_fast.ops.attention import attention
 from wam_fast.ops.ffn_gelu import ffn_gelu
 from wam_fast.ops.fp8_linear import fp8_linear
+from wam_fast.ops.gated_residual import gated_residual
 from wam_fast.ops.gated_residual_adaln import gated_residual_adaln
 from wam_fast.ops.qk_norm_rope import qk_norm_rope
+from wam_fast.ops.quantize_rowwise import quantize_rowwise
 
-OPS = ("adaln_modulate", "gated_residual_adaln", "qk_norm_rope", "attention", "ffn_gelu", "fp8_linear")
+OPS = ("adaln_modulate", "gated_residual_adaln", "gated_residual", "qk_norm_rope", "attention", "ffn_gelu",
+       "fp8_linear", "quantize_rowwise")
 
 
 def op_module(name: str):

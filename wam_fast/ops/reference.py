@@ -135,3 +135,8 @@ def fp8_linear(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Ten
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def quantize_rowwise_gelu(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rowwise(gelu_tanh(x))`` with the GELU computed in float32 (the FFN-out input)."""
+    return quantize_rowwise(F.gelu(x.float(), approximate="tanh"))

@@ -123,10 +123,11 @@ class FP8Linear(nn.Module):
                                    "wam_fast.quant.calibrate(model, batches) (or `with wam_fast.quant.calibrating"
                                    "(model):` forwards) first, or load a calibrated checkpoint")
             x_fp8, x_scale = WF.quantize_per_tensor(x, self.input_scale), self.input_scale
-        else:
-            if self._observing:
-                self._observe(x)
+        elif self._observing:  # calibration: dynamic scales meanwhile, quantized as before
+            self._observe(x)
             x_fp8, x_scale = WF.quantize_rowwise(x)
+        else:
+            x_fp8, x_scale = ops.quantize_rowwise(x)  # per token, one kernel
         return ops.fp8_linear(x_fp8, x_scale, self.weight, self.weight_scale, self.bias, self.out_dtype)
 
     # -- static calibration --
@@ -210,10 +211,17 @@ class FP8GatedResidualAdaLN(GatedResidualAdaLN):
 
 class FP8FeedForward(FeedForward):
     """The FFN with FP8 linears: proj_in (FP8, out in the model dtype) -> GELU-tanh -> proj_out (FP8).
+    With a dynamic FP8 proj_out, the GELU and the per-token quantization of its input are one kernel
+    (``ops.quantize_rowwise(h, gelu=True)``, GELU in fp32) and proj_out takes the FP8Activation as it is.
+    A static (per-tensor, calibrated) or high-precision proj_out gets the GELU output instead.
     Its own type so ``fuse`` (which would call ffn_gelu on the FP8 weight) leaves it alone."""
 
     def forward(self, x):
-        return self.proj_out(F.gelu(self.proj_in(x), approximate="tanh"))
+        h = self.proj_in(x)
+        out = self.proj_out
+        if isinstance(out, FP8Linear) and out.activation == "dynamic":
+            return out(FP8Activation(*ops.quantize_rowwise(h, gelu=True)))
+        return out(F.gelu(h, approximate="tanh"))
 
 
 FP8_MODULE_TYPES = {cls.__name__: cls for cls in (FP8Linear, FP8AdaLNModulate, FP8GatedResidualAdaLN,
