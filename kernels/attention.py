@@ -17,7 +17,9 @@ n_full = Nk // BLOCK_N and n_end = cdiv(Nk, BLOCK_N) (only the tail block is mas
 A query row that sees no key keeps m = -inf and l = 0; its output is written as zeros (SDPA would
 give NaN). Tails: query rows past Nq are loaded as zeros and not stored; keys past Nk are masked.
 q, k, v may be any strided (B, H, N, hd) views with a unit last-dim stride (e.g. the fused qkv
-projection permuted); the output is a fresh contiguous (B, H, Nq, hd) tensor in q's dtype.
+projection permuted); the output is a fresh (B, H, Nq, hd) tensor in q's dtype laid out as
+(B, Nq, H, hd) in memory (``bnhd_empty``), so the model's ``o.transpose(1, 2).reshape(b, n, -1)``
+that feeds the output projection is a view, not a copy.
 
 Precision: fp16/bf16 operands go to the tensor cores with fp32 accumulation and P is rounded to v's
 dtype before P @ V (as flash attention does); fp32 operands use ``input_precision="ieee"`` unless
@@ -224,19 +226,25 @@ def key_block_bounds(q_segments: torch.Tensor, k_segments: torch.Tensor, block_m
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)
 
 
+def bnhd_empty(b: int, h: int, n: int, hd: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised (B, H, N, hd) tensor laid out (B, N, H, hd): its transpose(1, 2) is contiguous.
+    Made with empty_strided (not a transposed view) so it has no ``_base`` (custom-op outputs must not)."""
+    return torch.empty_strided((b, h, n, hd), (n * h * hd, hd, h * hd, 1), dtype=dtype, device=device)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Optional[torch.Tensor] = None,
               k_segments: Optional[torch.Tensor] = None, temporal: bool = False,
               config: Optional[Config] = None, return_stats: bool = False):
     """Launch the kernel. q (B, H, Nq, hd), k and v (B, H, Nk, hd), same dtype and device, unit
     last-dim stride (copied otherwise); temporal: q_segments (Nq,), k_segments (Nk,) integer ids.
-    Returns the (B, H, Nq, hd) output (and, with return_stats, the (M, 2) int32 (n_full, n_end) of
-    every query tile). Inputs are assumed checked (wam_fast.ops.attention does)."""
+    Returns the (B, H, Nq, hd) output, laid out (B, Nq, H, hd) (and, with return_stats, the (M, 2)
+    int32 (n_full, n_end) of every query tile). Inputs are assumed checked (wam_fast.ops.attention does)."""
     b, h, nq, hd = q.shape
     nk = k.shape[2]
     if hd not in HEAD_DIMS:
         raise ValueError(f"attention kernel: head_dim must be one of {HEAD_DIMS}, got {hd}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty((b, h, nq, hd), dtype=q.dtype, device=q.device)
+    out = bnhd_empty(b, h, nq, hd, q.dtype, q.device)
     cfg = config or default_config(hd, q.dtype, nq)
     grid_m = triton.cdiv(nq, cfg.block_m)
     stats = torch.zeros((grid_m, 2), dtype=torch.int32, device=q.device) if return_stats else None

@@ -3,9 +3,12 @@ interleaved RoPE on the token slice [rope_start, rope_end), in one pass over q a
 
 One program takes a block of BLOCK_N tokens of HEAD_GROUP heads (dividing H) of one sample and does
 q and k of each head: the cos/sin tile of those tokens is loaded once and reused for 2 * HEAD_GROUP tiles.
-q and k may be strided views (e.g. of the fused qkv projection, (B, N, 3, H, hd) permuted); outputs
-are contiguous (B, H, N, hd). Tokens outside the RoPE slice get cos = 1, sin = 0 (their table loads
-are masked off), so one branch-free formula covers every token. All math is float32.
+q and k may be strided views (e.g. of the fused qkv projection, (B, N, 3, H, hd) permuted); q_out is
+contiguous (B, H, N, hd), k_out contiguous or a caller's strided view (a KV-cache slice). With
+HAS_V the same programs also copy the tile of v into v_out (the cache write of the values), so
+normalising, rotating and both cache writes are one launch. Tokens outside the RoPE slice get
+cos = 1, sin = 0 (their table loads are masked off), so one branch-free formula covers every token.
+All math is float32.
 """
 from __future__ import annotations
 
@@ -33,12 +36,14 @@ def _norm_rope_tile(x_ptr, out_ptr, offs_in, offs_out, mask, weight, bias, cos, 
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr,
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, v_ptr, v_out_ptr,
     qw_ptr, qb_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
     H, N, rope_start, rope_end, eps,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
+    sko_b, sko_h, sko_n, sv_b, sv_h, sv_n, sv_d, svo_b, svo_h, svo_n,
     HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_GROUP: tl.constexpr,
     HAS_QW: tl.constexpr, HAS_QB: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
+    HAS_V: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -77,21 +82,29 @@ def _qk_norm_rope_kernel(
     cos = tl.load(cos_ptr + table, mask=rope_mask, other=1.0)
     sin = tl.load(sin_ptr + table, mask=rope_mask, other=0.0)
 
-    # tile offsets (small, int32) relative to int64 per-(b, h, block) bases
+    # tile offsets (small, int32) relative to int64 per-(b, h, block) bases; outputs have unit
+    # last-dim stride (q_out contiguous, k_out / v_out checked by the caller)
     offs_q = rows[:, None] * sq_n + cols[None, :] * sq_d
     offs_k = rows[:, None] * sk_n + cols[None, :] * sk_d
-    offs_out = rows[:, None] * HD + cols[None, :]
+    offs_q_out = rows[:, None] * HD + cols[None, :]
+    offs_k_out = rows[:, None] * sko_n + cols[None, :]
     tile_ok = row_ok[:, None] & col_ok[None, :]
 
     for i in tl.static_range(HEAD_GROUP):
         h = (pid_h * HEAD_GROUP + i).to(tl.int64)
         q_base = b * sq_b + h * sq_h + n0_64 * sq_n
         k_base = b * sk_b + h * sk_h + n0_64 * sk_n
-        out_base = ((b * H + h) * N + n0_64) * HD
-        _norm_rope_tile(q_ptr + q_base, q_out_ptr + out_base, offs_q, offs_out, tile_ok, qw, qb, cos, sin,
+        q_out_base = ((b * H + h) * N + n0_64) * HD
+        k_out_base = b * sko_b + h * sko_h + n0_64 * sko_n
+        _norm_rope_tile(q_ptr + q_base, q_out_ptr + q_out_base, offs_q, offs_q_out, tile_ok, qw, qb, cos, sin,
                         eps, HD, HD_PAD, BLOCK_N)
-        _norm_rope_tile(k_ptr + k_base, k_out_ptr + out_base, offs_k, offs_out, tile_ok, kw, kb, cos, sin,
+        _norm_rope_tile(k_ptr + k_base, k_out_ptr + k_out_base, offs_k, offs_k_out, tile_ok, kw, kb, cos, sin,
                         eps, HD, HD_PAD, BLOCK_N)
+        if HAS_V:  # the cache write of v: a plain copy of the same tile
+            v_base = b * sv_b + h * sv_h + n0_64 * sv_n
+            v_out_base = b * svo_b + h * svo_h + n0_64 * svo_n
+            v_tile = tl.load(v_ptr + v_base + rows[:, None] * sv_n + cols[None, :] * sv_d, mask=tile_ok)
+            tl.store(v_out_ptr + v_out_base + rows[:, None] * svo_n + cols[None, :], v_tile, mask=tile_ok)
 
 
 def _interpreting() -> bool:
@@ -127,12 +140,23 @@ def _largest_divisor(n: int, most: int) -> int:
 
 
 def qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start: int, rope_end: int,
-                 eps: float, block_n: int = None, head_group: int = None, num_warps: int = None):
+                 eps: float, block_n: int = None, head_group: int = None, num_warps: int = None,
+                 k_out=None, v=None, v_out=None):
     """Launch on (B, H, N, hd) q, k (any strides; same shape and dtype, checked by the caller);
-    cos, sin (rope_end - rope_start, hd) float32 contiguous. Returns contiguous (q_out, k_out)."""
+    cos, sin (rope_end - rope_start, hd) float32 contiguous. Returns (q_out, k_out): q_out fresh and
+    contiguous; k_out the given one (any strides, unit last-dim stride) or a fresh contiguous one.
+    With v and v_out (shape of k, v any strides, v_out unit last-dim stride) v is copied into v_out
+    by the same launch. Outputs must not overlap the inputs (checked by the caller)."""
     B, H, N, hd = q.shape
+    if (v is None) != (v_out is None):
+        raise ValueError(f"v and v_out go together, got v={'a tensor' if v is not None else None}, "
+                         f"v_out={'a tensor' if v_out is not None else None}")
+    for name, t in (("k_out", k_out), ("v_out", v_out)):
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} needs last-dim stride 1, got strides {tuple(t.stride())}")
     q_out = torch.empty((B, H, N, hd), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((B, H, N, hd), dtype=k.dtype, device=k.device)
+    if k_out is None:
+        k_out = torch.empty((B, H, N, hd), dtype=k.dtype, device=k.device)
     if q_out.numel() == 0:
         return q_out, k_out
     config = launch_config(B, H, N, hd, q.device)
@@ -148,16 +172,18 @@ def qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start:
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     grid = (triton.cdiv(N, block_n), H // head_group, B)
     dummy = q  # never read: the HAS_* flags are False for it
+    has_v = v is not None
+    v_strides = tuple(v.stride()) + tuple(v_out.stride()[:3]) if has_v else (0,) * 7
     _qk_norm_rope_kernel[grid](
-        q, k, q_out, k_out,
+        q, k, q_out, k_out, v if has_v else dummy, v_out if has_v else dummy,
         q_weight if q_weight is not None else dummy, q_bias if q_bias is not None else dummy,
         k_weight if k_weight is not None else dummy, k_bias if k_bias is not None else dummy,
         cos, sin,
         H, N, rope_start, rope_end, float(eps),
-        *q.stride(), *k.stride(),
+        *q.stride(), *k.stride(), *k_out.stride()[:3], *v_strides,
         HD=hd, HD_PAD=triton.next_power_of_2(hd), BLOCK_N=block_n, HEAD_GROUP=head_group,
         HAS_QW=q_weight is not None, HAS_QB=q_bias is not None,
-        HAS_KW=k_weight is not None, HAS_KB=k_bias is not None,
+        HAS_KW=k_weight is not None, HAS_KB=k_bias is not None, HAS_V=has_v,
         num_warps=num_warps,
     )
     return q_out, k_out

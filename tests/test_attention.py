@@ -58,6 +58,13 @@ def assert_close(out, ref, dtype, rows=None):
     assert (err <= bound).all(), f"max error {err.max().item():.3g} (atol {atol}, rtol {rtol}, {dtype})"
 
 
+def out_layout_ok(out):
+    """The op's output layout: (B, H, Nq, hd) stored as (B, Nq, H, hd), so the model's
+    o.transpose(1, 2).reshape(b, n, -1) is a view; exactly the strides of the fake kernel."""
+    b, h, nq, hd = out.shape
+    return out.transpose(1, 2).is_contiguous() and out.stride() == (nq * h * hd, hd, h * hd, 1)
+
+
 # ---- vs the float32 reference ---------------------------------------------------------------------
 # (b, h, nq, nk, hd, dtype, mask, layout): N = 1256 / 774 / 49, head_dim 64 and 128, cached prefixes
 CASES = [
@@ -79,7 +86,7 @@ def test_matches_reference(backend, b, h, nq, nk, hd, dtype, mask, layout):
         ks = ids(*layout)
         qs = ks[nk - nq:]
     out = run(backend, q, k, v, qs, ks, mask)
-    assert out.shape == (b, h, nq, hd) and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == (b, h, nq, hd) and out.dtype == dtype and out_layout_ok(out)
     assert_close(out, reference(q, k, v, qs, ks, mask), dtype)
 
 
@@ -93,7 +100,7 @@ def test_small_dtypes(backend, dtype, hd, mask, nq):
     ks = ids((8, 7, 28, 6), (0, 1, 2, 2), torch.int32)
     qs = ks[49 - nq:]
     out = run(backend, q, k, v, qs, ks, mask)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and out_layout_ok(out)
     assert_close(out, reference(q, k, v, qs, ks, mask), dtype)
 
 
@@ -148,7 +155,7 @@ def test_strided_views(backend):
     ks = ids((20, 30, 50), (0, 1, 2))
     for mask in ("full", "temporal"):
         out = run(backend, q, k, v, ks, ks, mask)
-        assert out.is_contiguous()  # what the fake kernel promises torch.compile
+        assert out_layout_ok(out)  # what the fake kernel promises torch.compile
         assert_close(out, reference(q, k, v, ks, ks, mask), torch.float32)
     v_t = torch.randn(b, h, hd, n, device=DEVICE).transpose(-1, -2)  # last-dim stride n
     assert_close(run(backend, q, k, v_t), reference(q, k, v_t), torch.float32)
@@ -215,6 +222,44 @@ def test_fake_tensor_shapes():
         k = torch.empty(2, 3, 11, 64, dtype=torch.bfloat16)
         out = attention(q, k, k, torch.zeros(7, dtype=torch.int64), torch.zeros(11, dtype=torch.int64), "temporal")
     assert out.shape == (2, 3, 7, 64) and out.dtype == torch.bfloat16
+    assert out.stride() == (7 * 3 * 64, 64, 3 * 64, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["full", "temporal"])
+def test_fake_strides_match_real(backend, mask):
+    """The fake kernel's strides are the real output's (torch.compile plans views on them), and the
+    model's transpose(1, 2).reshape(b, n, -1) of the output is a view (no copy kernel)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    b, h, nq, nk, hd = 2, 3, 49, 60, 32
+    q, k, v = qkv(b, h, nq, nk, hd, torch.bfloat16)
+    ks = ids((11, 20, 29), (0, 1, 2))
+    qs = ks[nk - nq:]
+    out = run(backend, q, k, v, qs, ks, mask)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fqs, fks = (mode.from_tensor(t) for t in (q, k, v, qs, ks))
+        fake = attention(fq, fk, fv, fqs, fks, mask)
+    assert fake.stride() == out.stride() and fake.shape == out.shape
+    flat = out.transpose(1, 2).reshape(b, nq, h * hd)
+    assert flat.data_ptr() == out.data_ptr() and flat._base is not None  # a view
+    torch.testing.assert_close(flat, out.transpose(1, 2).contiguous().view(b, nq, h * hd), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_output_view(backend):
+    """torch.compile (fullgraph) of attention + the model's reshape: no graph break, same values."""
+    q, k, v = qkv(1, 2, 33, 49, 32, torch.float16)
+
+    def block(q, k, v):
+        o = attention(q, k, v)
+        return o.transpose(1, 2).reshape(1, 33, -1) * 2
+
+    with use_backend(backend):
+        eager = block(q, k, v)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------

@@ -165,6 +165,141 @@ def test_fake_shapes():
     assert q_out.device.type == "meta" and q_out.is_contiguous()
 
 
+# ---- cache writes: k_out, v, v_out ---------------------------------------------------------------
+def cache_views(args, total, start, with_v=True):
+    """Zeroed (B, H, total, hd) key/value buffers filled with a sentinel, and their [start, start + N)
+    slices (strided views, as the KV cache passes them); v is the third view of the qkv projection."""
+    q = args[0]
+    B, H, N, hd = q.shape
+    qkv_base = q._base if q._base is not None else torch.randn(B, N, 3 * H * hd, device=q.device).to(q.dtype)
+    v = qkv_base.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)[2] if with_v else None
+    keys, values = (torch.full((B, H, total, hd), 7.0, dtype=q.dtype, device=q.device) for _ in range(2))
+    return keys, values, keys[:, :, start:start + N], values[:, :, start:start + N], v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,H,N,hd,rope,start", [
+    (2, 3, 49, 64, (8, 43), 5),     # awkward N, H, a slice in the middle of the buffer
+    (1, 2, 33, 96, (0, 33), 0),     # head_dim not a power of two, slice at the start
+    (1, 4, 17, 32, (17, 17), 23),   # no rotation, slice at the end of the buffer
+])
+def test_cache_writes(backend, dtype, B, H, N, hd, rope, start):
+    args = make_inputs(B, H, N, hd, *rope, dtype)
+    total = start + N + (0 if start == 23 else 9)
+    keys, values, k_view, v_view, v = cache_views(args, total, start)
+    with use_backend(backend):
+        q_out, k_out = qk_norm_rope(*args, k_out=k_view, v=v, v_out=v_view)
+        q_plain, k_plain = qk_norm_rope(*args)
+    assert k_out is k_view and q_out.is_contiguous()
+    # the plain op plus copies, exactly (same backend, same arithmetic)
+    torch.testing.assert_close(q_out, q_plain, atol=0, rtol=0)
+    torch.testing.assert_close(k_view, k_plain, atol=0, rtol=0)
+    torch.testing.assert_close(v_view, v, atol=0, rtol=0)
+    check_close(backend, args)  # and the plain op is right
+    for buf in (keys, values):  # the rest of the buffers is untouched
+        assert (buf[:, :, :start] == 7).all() and (buf[:, :, start + N:] == 7).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_write_k_only(backend):
+    args = make_inputs(2, 2, 49, 64, 4, 44, torch.bfloat16)
+    keys, values, k_view, _, _ = cache_views(args, 60, 3, with_v=False)
+    with use_backend(backend):
+        q_out, k_out = qk_norm_rope(*args, k_out=k_view)
+        q_plain, k_plain = qk_norm_rope(*args)
+    assert k_out is k_view
+    torch.testing.assert_close(q_out, q_plain, atol=0, rtol=0)
+    torch.testing.assert_close(k_view, k_plain, atol=0, rtol=0)
+    assert (keys[:, :, :3] == 7).all() and (keys[:, :, 52:] == 7).all() and (values == 7).all()
+
+
+@pytest.mark.skipif(triton_reason() is not None, reason=str(triton_reason()))
+@pytest.mark.parametrize("block_n,head_group", [(8, 1), (16, 2)])
+def test_triton_cache_writes_tails(block_n, head_group):
+    # ragged token blocks and head groups with the cache writes, straight through the launcher
+    args = make_inputs(1, 4, 49, 64, 7, 45, torch.float16)
+    keys, values, k_view, v_view, v = cache_views(args, 64, 11)
+    q_out, k_out = op_module.triton_kernels().qk_norm_rope(*args, 1e-6, block_n=block_n, head_group=head_group,
+                                                           k_out=k_view, v=v, v_out=v_view)
+    q_plain, k_plain = op_module.triton_kernels().qk_norm_rope(*args, 1e-6)
+    assert k_out is k_view
+    torch.testing.assert_close(q_out, q_plain, atol=0, rtol=0)
+    torch.testing.assert_close(k_view, k_plain, atol=0, rtol=0)
+    torch.testing.assert_close(v_view, v, atol=0, rtol=0)
+    assert (keys[:, :, :11] == 7).all() and (keys[:, :, 60:] == 7).all()
+    assert (values[:, :, :11] == 7).all() and (values[:, :, 60:] == 7).all()
+
+
+def test_cache_writes_opcheck():
+    args = make_inputs(1, 2, 9, 8, 2, 7, torch.float32)
+    _, _, k_view, v_view, v = cache_views(args, 14, 3)
+    op = torch.ops.wam_fast.qk_norm_rope_into.default
+    torch.library.opcheck(op, args + (1e-6, k_view, v, v_view))
+    torch.library.opcheck(op, args + (1e-6, k_view, None, None))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_writes_compile_fullgraph(backend):
+    """The mutating op traces under torch.compile (fullgraph: no graph break) and the compiled run
+    writes the cache buffers as eager does (aot_eager functionalizes the mutation and writes back)."""
+    B, H, N, hd = 1, 2, 9, 8
+    _, _, qw, qb, kw, kb, cos, sin, rs, re = make_inputs(B, H, N, hd, 2, 7, torch.float32)
+
+    def layer(qkv, keys, values):
+        q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
+        q, k = qk_norm_rope(q, k, qw, qb, kw, kb, cos, sin, rs, re, k_out=keys[:, :, 3:3 + N], v=v,
+                            v_out=values[:, :, 3:3 + N])
+        return q * 2, k + 1
+
+    qkv = torch.randn(B, N, 3 * H * hd, device=DEVICE)
+    buffers = lambda: [torch.zeros(B, H, 15, hd, device=DEVICE) for _ in range(2)]  # noqa: E731
+    explained = torch._dynamo.explain(layer)(qkv, *buffers())
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with use_backend(backend):
+        eager_buffers, compiled_buffers = buffers(), buffers()
+        eager = layer(qkv, *eager_buffers)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(qkv, *compiled_buffers)
+    for a, b in zip(eager + tuple(eager_buffers), compiled + tuple(compiled_buffers)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_cache_writes_fake():
+    q, k, *rest = make_inputs(1, 2, 9, 8, 2, 7, torch.bfloat16, device=torch.device("meta"))
+    keys = torch.empty(1, 2, 20, 8, dtype=torch.bfloat16, device="meta")
+    q_out, k_out = qk_norm_rope(q, k, *rest, k_out=keys[:, :, 4:13], v=k, v_out=keys[:, :, 11:20])
+    assert q_out.shape == q.shape and q_out.is_contiguous() and k_out.stride() == keys.stride()
+
+
+@pytest.mark.parametrize("over,error,match", [
+    (dict(v=torch.randn(1, 2, 12, 8), v_out=torch.randn(1, 2, 12, 8)), ValueError, r"go with k_out .* got k_out=None"),
+    (dict(k_out=torch.empty(1, 2, 12, 8), v=torch.randn(1, 2, 12, 8)), ValueError,
+     r"v and v_out go together .* v_out=None"),
+    (dict(k_out=torch.empty(1, 2, 12, 8), v_out=torch.randn(1, 2, 12, 8)), ValueError,
+     r"v and v_out go together .* got v=None"),
+    (dict(k_out=torch.empty(1, 2, 11, 8)), ValueError,
+     r"k_out must have q's shape \(1, 2, 12, 8\) .* got \(1, 2, 11, 8\)"),
+    (dict(k_out=torch.empty(1, 2, 12, 8), v=torch.randn(1, 2, 12, 8), v_out=torch.empty(1, 12, 2, 8)), ValueError,
+     r"v_out must have q's shape .* got \(1, 12, 2, 8\)"),
+    (dict(k_out=torch.empty(1, 2, 12, 8), v=torch.randn(2, 12, 8), v_out=torch.empty(1, 2, 12, 8)), ValueError,
+     r"v must have 4 dims"),
+    (dict(k_out=torch.empty(1, 2, 12, 8, dtype=torch.bfloat16)), TypeError,
+     r"k_out is torch.bfloat16 but q is torch.float32"),
+    (dict(k_out=torch.empty(1, 2, 12, 8), v=torch.randn(1, 2, 12, 8, dtype=torch.float16),
+          v_out=torch.empty(1, 2, 12, 8)), TypeError, r"v is torch.float16 but q is torch.float32"),
+    (dict(k_out=torch.empty(1, 2, 12, 8, device="meta")), ValueError, r"k_out is on meta but q is on cpu"),
+    (dict(k_out=torch.empty(1, 2, 8, 12).transpose(-1, -2)), ValueError,
+     r"k_out needs last-dim stride 1 .* got strides"),
+    (dict(k_out=torch.empty(1, 2, 12, 8), v=torch.randn(1, 2, 12, 8), v_out=torch.empty(1, 2, 8, 12).transpose(-1, -2)),
+     ValueError, r"v_out needs last-dim stride 1"),
+    (dict(k_out="k"), TypeError, r"k_out must be a torch.Tensor, got str"),
+])
+def test_bad_cache_writes(over, error, match):
+    with pytest.raises(error, match=match):
+        qk_norm_rope(**_good(**over))
+
+
 # ---- bad inputs --------------------------------------------------------------------------------
 def _good(**over):
     q, k, qw, qb, kw, kb, cos, sin, rs, re = make_inputs(1, 2, 12, 8, 2, 10, torch.float32, device=torch.device("cpu"))

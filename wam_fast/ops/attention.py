@@ -5,8 +5,12 @@ q (B, H, Nq, hd), k and v (B, H, Nk, hd) with Nk >= Nq (a cached prefix: the key
 come first). ``mask="full"``: every query sees every key. ``mask="temporal"``: q_segments (Nq,) and
 k_segments (Nk,) integer segment ids; a query of segment i sees the keys of segments <= i (by id, not
 position; ids need not be sorted). A query that sees no key at all gets zeros (SDPA would give NaN).
-The output is a fresh (B, H, Nq, hd) tensor in q's dtype. Backends: Triton (flash-style forward,
-online softmax, fp32 accumulation, fully masked key blocks skipped), torch (SDPA).
+The output is a fresh (B, H, Nq, hd) tensor in q's dtype, laid out (B, Nq, H, hd) in memory (the
+transpose of a contiguous (B, Nq, H, hd) tensor), so ``o.transpose(1, 2).reshape(b, n, -1)`` before
+the output projection is a free view. Backends: Triton (flash-style forward, online softmax, fp32
+accumulation, fully masked key blocks skipped; writes that layout directly), torch (SDPA; its
+(B, H, Nq, hd)-contiguous result is copied into that layout, the copy the model's reshape would
+otherwise make). The fake kernel gives the same strides, so torch.compile sees the real layout.
 
 Optional external kernels (``EXTERNAL_BACKENDS``: flash-attn, xformers) serve full-mask calls of the
 modules ``wam_fast.compile`` swaps in (``CompileConfig(attention="flash-attn")``) through
@@ -44,6 +48,13 @@ def _head_dim_reason(hd: int) -> Optional[str]:
     return None
 
 
+def output_empty(q: torch.Tensor, nq: int) -> torch.Tensor:
+    """The op's output buffer: (B, H, Nq, hd) in q's dtype, laid out (B, Nq, H, hd) (the layout of
+    kernels/attention.py's ``bnhd_empty``); empty_strided, not a transposed view, so it has no _base."""
+    b, h, _, hd = q.shape
+    return torch.empty_strided((b, h, nq, hd), (nq * h * hd, hd, h * hd, 1), dtype=q.dtype, device=q.device)
+
+
 # ---- backends ------------------------------------------------------------------------------------
 def _run_triton(q, k, v, q_segments, k_segments, mask):
     return _kernel_module().attention(q, k, v, q_segments, k_segments, temporal=(mask == "temporal"))
@@ -66,14 +77,17 @@ def _run_torch(q, k, v, q_segments, k_segments, mask):
         # in some PyTorch versions, zeros) for a query that sees none: make it zeros everywhere
         sees_any = k_segments.min() <= q_segments
         out = torch.where(sees_any[:, None], out, out.new_zeros(()))
-    # SDPA may return strided outputs for strided inputs; the fake kernel (and torch.compile) says contiguous
-    return out.contiguous()
+    # into the op's layout (what the fake kernel, and so torch.compile, says): one copy, the one the
+    # model's transpose(1, 2).reshape would make otherwise
+    return output_empty(q, q.shape[2]).copy_(out)
 
 
 BACKENDS.register("triton", _run_triton, _rejects_triton,
                   supports="fp32 (IEEE, no TF32 unless allowed)/fp16/bf16; head_dim 16, 32, 64, 128, 256; any "
-                           "lengths, strided q/k/v (unit last-dim stride); full or temporal (skips masked key blocks)")
-BACKENDS.register("torch", _run_torch, supports="any float dtype and device (SDPA, boolean mask for temporal)")
+                           "lengths, strided q/k/v (unit last-dim stride); full or temporal (skips masked key blocks); "
+                           "writes the (B, Nq, H, hd) output layout directly")
+BACKENDS.register("torch", _run_torch, supports="any float dtype and device (SDPA, boolean mask for temporal; "
+                                                "one copy into the (B, Nq, H, hd) output layout)")
 
 
 # ---- custom op -----------------------------------------------------------------------------------
@@ -85,7 +99,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: 
 
 @attention_op.register_fake
 def _(q, k, v, q_segments, k_segments, mask):
-    return q.new_empty(q.shape)
+    return output_empty(q, q.shape[2])
 
 
 # ---- public function -------------------------------------------------------------------------------
@@ -111,7 +125,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Opt
     q (B, H, Nq, hd); k, v (B, H, Nk, hd) with Nk >= Nq, same dtype and device; head_dim a power of
     two up to 256. ``mask="temporal"``: q_segments (Nq,), k_segments (Nk,) int32/int64 ids, a query of
     segment i sees keys of segments <= i; with ``mask="full"`` segments are ignored. Rows that see no
-    key are zeros. Strided views (unit last-dim stride) are read in place. Returns (B, H, Nq, hd).
+    key are zeros. Strided views (unit last-dim stride) are read in place. Returns (B, H, Nq, hd)
+    in q's dtype whose transpose(1, 2) is contiguous ((B, Nq, H, hd) in memory).
     """
     check_tensor(OP, "q", q, ndim=4)
     check_tensor(OP, "k", k, ndim=4)
