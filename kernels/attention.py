@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gpu_arch import GpuArch, current_arch
+
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -47,10 +49,15 @@ class Config(NamedTuple):
     num_stages: int
 
 
-# H100 (sm_90) starting points for 2-byte dtypes, keyed on head_dim (flash-attention-2 / Triton
+# Starting points for 2-byte dtypes on sm_89 and sm_90, keyed on head_dim (flash-attention-2 / Triton
 # tutorial tiles: 128 x 64 tiles, 4 warps up to hd 64, 8 warps at hd 128; smaller tiles at hd 256
 # so q + the k/v pipeline stages fit in shared memory). fp32 halves the tiles (see default_config).
-# NOT yet measured on a GPU: all compile for sm_90 (Triton 3.9, shared memory <= 103 KB), untimed.
+# Shared memory (bf16, hd 64, the W1 case): q 128 x 64 x 2 = 16 KiB plus k and v 64 x 64 x 2 = 8 KiB
+# each per buffered stage: well under sm_89's 99 KiB (benchmarks/aot_check.py compiles it for both).
+# Waves: a program per (128-query tile, batch x head); W1 (48 heads) gives 336 programs at Nq=774 and
+# 480 at 1256, but only 2 x 48 = 96 at the 256-token frame pass: under one wave on 132 or 128 SMs, so
+# default_config halves BLOCK_M when the grid has fewer programs than SMs (192 programs).
+# NOT yet measured on a GPU: designed, compiled ahead of time, untimed.
 GPU_CONFIGS: Dict[int, Config] = {
     16: Config(128, 64, 4, 3),
     32: Config(128, 64, 4, 3),
@@ -58,6 +65,10 @@ GPU_CONFIGS: Dict[int, Config] = {
     128: Config(128, 64, 8, 3),
     256: Config(64, 32, 8, 2),
 }
+# sm_89 (and other GPUs without Hopper's wgmma): mma.sync keeps both the fp32 accumulator and the
+# scores in registers; at hd 64 a 128-query tile on 4 warps needs > 255 registers per thread (AOT check:
+# 24 B spilled), so 8 warps share it.
+SM89_CONFIGS: Dict[int, Config] = {**GPU_CONFIGS, 64: Config(128, 64, 8, 3)}
 # Interpreter: every program runs as numpy ops, so fewer, larger tiles are faster.
 INTERPRETER_CONFIG = Config(128, 128, 1, 1)
 # Key blocks whose segment ids one vectorised step of the skipping pre-pass reads.
@@ -194,15 +205,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"  # kernels read the variable themselves: nothing of wam_fast
 
 
-def default_config(head_dim: int, dtype: torch.dtype, nq: int) -> Config:
-    """Tile sizes for one call: the interpreter's, or the H100 table's (adjusted for fp32 and short Nq)."""
-    if _interpreting():
+def default_config(head_dim: int, dtype: torch.dtype, nq: int, batch_heads: Optional[int] = None,
+                   arch: Optional[GpuArch] = None, device: Optional[torch.device] = None,
+                   interpreting: Optional[bool] = None) -> Config:
+    """Tile sizes for one call: the interpreter's, or the GPU table's adjusted for fp32, short Nq and,
+    given ``batch_heads`` (B x H), a grid too small to fill ``arch``'s SMs (default: the target_arch
+    override, else ``device``'s GPU). ``interpreting`` defaults to TRITON_INTERPRET=1."""
+    if _interpreting() if interpreting is None else interpreting:
         return INTERPRETER_CONFIG
-    cfg = GPU_CONFIGS[head_dim]
+    arch = arch or current_arch(device)
+    cfg = (GPU_CONFIGS if arch.family == "sm90" else SM89_CONFIGS)[head_dim]
     if dtype == torch.float32:  # 4-byte tiles: half the key block, fewer stages (shared memory)
         cfg = cfg._replace(block_m=min(cfg.block_m, 64), block_n=max(16, cfg.block_n // 2), num_stages=2)
     if nq <= 64:
         cfg = cfg._replace(block_m=64)
+    if batch_heads is not None and cfg.block_m > 64:
+        programs = triton.cdiv(nq, cfg.block_m) * batch_heads
+        if programs < arch.num_sms:  # under one wave: smaller query tiles (4 warps hold 64 rows)
+            cfg = cfg._replace(block_m=64, num_warps=min(cfg.num_warps, 4))
     return cfg
 
 
@@ -245,7 +265,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Opt
         raise ValueError(f"attention kernel: head_dim must be one of {HEAD_DIMS}, got {hd}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = bnhd_empty(b, h, nq, hd, q.dtype, q.device)
-    cfg = config or default_config(hd, q.dtype, nq)
+    cfg = config or default_config(hd, q.dtype, nq, batch_heads=b * h, device=q.device)
     grid_m = triton.cdiv(nq, cfg.block_m)
     stats = torch.zeros((grid_m, 2), dtype=torch.int32, device=q.device) if return_stats else None
     if out.numel() == 0 or nk == 0:

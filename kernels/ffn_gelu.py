@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gpu_arch import GpuArch, current_arch, pick_by_waves
+
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -116,34 +118,59 @@ class Config(NamedTuple):
     num_stages: int = 3
 
 
-# H100 choices keyed by (operand kind, problem size). Shared memory per stage is
-# (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize: 128x256x64 bf16 = 48 KiB, x3 stages = 144 KiB (< 227 KiB).
-#   16-bit, many rows (W1: M=1256/774, N=12288, K=3072): 128x256x64, 8 warps, 3 stages (wgmma-sized tile;
-#     10 x 48 = 480 tiles at M=1256).
-#   16-bit, few rows (M <= 64): weight streaming dominates; 64-row tiles and more of them along N.
-#   fp32 (ieee FMA, no tensor cores): smaller K step, registers hold the fp32 operands.
-GPU_CONFIGS: Dict[str, Config] = {
-    "16bit_large": Config(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-    "16bit_medium": Config(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
-    "16bit_small_m": Config(64, 64, 128, group_m=8, num_warps=4, num_stages=4),
-    "fp32": Config(64, 64, 32, group_m=8, num_warps=4, num_stages=3),
+# Tables per GPU family (kernels/gpu_arch.py); the 16-bit tiles are listed largest first and
+# pick_config takes the first whose grid keeps >= 80% of the SMs busy (gpu_arch.pick_by_waves).
+# DESIGNED from shared-memory and wave arithmetic, not yet measured (benchmarks/aot_check.py checks
+# that each compiles without spills). Shared memory = buffers x (BLOCK_M + BLOCK_N) x BLOCK_K x itemsize;
+# Triton keeps num_stages buffers on sm_90 (wgmma), num_stages - 1 on sm_89 (cp.async).
+# W1 runs this kernel for the FFN's first GEMM only (bf16, N=12288, K=3072).
+# sm_90 (H100/H200, 132 SMs, 227 KiB):
+#   16bit_large  128x256x64, 8 warps, 3 stages: 3 x 48 KiB = 144 KiB. W1 tiles / wave efficiency:
+#                M=774 336/0.85, M=1256 480/0.91, M=1548 624/0.95, M=2512 960/0.91.
+#   16bit_medium 128x128x64, 8 warps, 4 stages: 4 x 32 KiB = 128 KiB. M=512 384/0.97 (large: 192/0.73).
+#   16bit_narrow 128x64x64, 4 warps, 4 stages: 4 x 24 KiB = 96 KiB. M=256 384/0.97 (large: 96/0.73).
+#   16bit_small_m 64x64x128, 4 warps, 4 stages: 4 x 32 KiB = 128 KiB (M <= 64: weight streaming).
+#   fp32 64x64x32, 4 warps, 3 stages: 3 x 16 KiB = 48 KiB (ieee FMA, no tensor cores).
+# sm_89 (RTX 4090, 128 SMs, 99 KiB = 101,376 B): 128x256 tiles would spill their fp32 accumulator.
+#   16bit_medium 128x128x64, 8 warps, 4 stages: 3 x 32 KiB = 96 KiB. M=512 384/1.0, M=774 672/0.88,
+#                M=1256 960/0.94, M=1548 1248/0.97, M=2512 1920/1.0.
+#   16bit_narrow 128x64x64, 4 warps, 4 stages: 3 x 24 KiB = 72 KiB. M=256 384/1.0.
+#   16bit_small_m 64x64x128, 4 warps, 3 stages: 2 x 32 KiB = 64 KiB.
+#   fp32 64x64x32, 4 warps, 3 stages: 2 x 16 KiB = 32 KiB.
+GPU_CONFIGS: Dict[str, Dict[str, Config]] = {
+    "sm90": {
+        "16bit_large": Config(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
+        "16bit_medium": Config(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
+        "16bit_narrow": Config(128, 64, 64, group_m=8, num_warps=4, num_stages=4),
+        "16bit_small_m": Config(64, 64, 128, group_m=8, num_warps=4, num_stages=4),
+        "fp32": Config(64, 64, 32, group_m=8, num_warps=4, num_stages=3),
+    },
+    "sm89": {
+        "16bit_medium": Config(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
+        "16bit_narrow": Config(128, 64, 64, group_m=8, num_warps=4, num_stages=4),
+        "16bit_small_m": Config(64, 64, 128, group_m=8, num_warps=4, num_stages=3),
+        "fp32": Config(64, 64, 32, group_m=8, num_warps=4, num_stages=3),
+    },
 }
 # Interpreter: every program is a numpy step, so few programs and few K steps are fastest;
 # still several tiles per axis at the test shapes, so grouping and tails run.
 INTERPRETER_CONFIG = Config(64, 64, 64, group_m=4, num_warps=4, num_stages=1)
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreting: bool) -> Config:
-    """The config table: one entry per problem class (see GPU_CONFIGS)."""
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreting: bool, arch: Optional[GpuArch] = None,
+                device: Optional[torch.device] = None) -> Config:
+    """The config for an (M, K) x (K, N) problem on ``arch`` (default: the target_arch override, else
+    ``device``'s GPU): fp32, few rows, or the largest 16-bit tile that fills the SMs (see GPU_CONFIGS)."""
     if interpreting:
         return INTERPRETER_CONFIG
+    arch = arch or current_arch(device)
+    table = GPU_CONFIGS[arch.family]
     if dtype == torch.float32:
-        return GPU_CONFIGS["fp32"]
+        return table["fp32"]
     if M <= 64:
-        return GPU_CONFIGS["16bit_small_m"]
-    if M * N >= 512 * 4096:
-        return GPU_CONFIGS["16bit_large"]
-    return GPU_CONFIGS["16bit_medium"]
+        return table["16bit_small_m"]
+    tiles = [c for name, c in table.items() if name.startswith("16bit_")]
+    return pick_by_waves(M, N, tiles, arch.num_sms)
 
 
 # Opt-in GPU autotuning over the table plus neighbours (WAM_FAST_FFN_GELU_AUTOTUNE=1); never under the
@@ -196,7 +223,7 @@ def ffn_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
         _autotuned_kernel()[grid](*args, **common)
         return y
-    c = config or pick_config(M, N, K, x.dtype, interpreting)
+    c = config or pick_config(M, N, K, x.dtype, interpreting, device=x.device)
     grid = (triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)
     _ffn_gelu_kernel[grid](*args, **common, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                            GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages)

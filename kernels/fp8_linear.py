@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gpu_arch import GpuArch, current_arch, pick_by_waves
+
 
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -97,31 +99,56 @@ class Config(NamedTuple):
     num_stages: int = 4
 
 
-# H100 choices. Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K bytes (1-byte operands):
-# 128x256x128 = 48 KiB, x4 stages = 192 KiB (< 227 KiB). FP8 wgmma takes K in steps of 32, so a
-# 128-deep K tile is 4 wgmma per load.
-#   large (W1: M=1256/774, N=3072..12288, K=3072..12288): 128x256x128, 8 warps, 4 stages
-#     (10 x 48 = 480 tiles for the FFN's first GEMM at M=1256).
-#   medium (fewer tiles): 128x128x128, 4 stages.
-#   few rows (M <= 64): weight streaming dominates; 64-row tiles, more of them along N.
-GPU_CONFIGS: Dict[str, Config] = {
-    "large": Config(128, 256, 128, group_m=8, num_warps=8, num_stages=4),
-    "medium": Config(128, 128, 128, group_m=8, num_warps=8, num_stages=4),
-    "small_m": Config(64, 64, 128, group_m=8, num_warps=4, num_stages=4),
+# Tables per GPU family (kernels/gpu_arch.py), largest tile first; pick_config takes the first whose
+# grid keeps >= 80% of the SMs busy (gpu_arch.pick_by_waves). DESIGNED from shared-memory and wave
+# arithmetic, not yet measured (benchmarks/aot_check.py checks that each compiles without spills).
+# Shared memory = buffers x (BLOCK_M + BLOCK_N) x BLOCK_K bytes (1-byte operands); Triton keeps
+# num_stages buffers on sm_90 (wgmma), num_stages - 1 on sm_89 (cp.async).
+# sm_90 (H100/H200, 132 SMs, 227 KiB): FP8 wgmma takes K in steps of 32, so BLOCK_K 128 is 4 wgmma/load.
+#   large  128x256x128, 4 stages: 4 x 48 KiB = 192 KiB. W1 (tiles / wave efficiency on 132 SMs):
+#          M=1256: qkv 360/0.91, out and ffn-out 120/0.91, ffn-in 480/0.91; M=2512: 720, 240, 960 (0.91);
+#          M=774 qkv 252/0.95, ffn-in 336/0.85; M=1548 qkv 468/0.89, ffn-in 624/0.95.
+#   medium 128x128x128, 4 stages: 128 KiB. M=512 ffn-in 384/0.97.
+#   narrow 128x64x128, 4 warps, 4 stages: 96 KiB. The N=3072 GEMMs (out, ffn-out): M=774 336/0.85 (large
+#          gave 84/0.64), M=1548 624/0.95, M=256 96/0.73 (best of the table; large gave 24/0.18);
+#          M=512 qkv 576/0.87.
+#   small_m 64x64x128, 4 warps, 4 stages: 64 KiB. M <= 64 (weight streaming), and M=256 qkv 576/0.87,
+#          M=512 out/ffn-out 384/0.97.
+# sm_89 (RTX 4090, 128 SMs, 99 KiB = 101,376 B): 128x256x128 needs 2 x 48 KiB even at 3 stages and its
+#   fp32 accumulator spills (255 registers, 8 warps), so the largest tile is 128x128.
+#   medium 128x128x128, 8 warps, 4 stages: 3 x 32 KiB = 96 KiB. M=1256 (all 0.94), M=2512 (0.94/1.0),
+#          M=774 qkv 504/0.98, ffn-in 672/0.88, M=1548 qkv/ffn-in 0.91/0.97, M=512 ffn-in 384/1.0.
+#   narrow 128x64x128, 4 warps, 4 stages: 3 x 24 KiB = 72 KiB. N=3072 at M=774 336/0.88, M=1548
+#          624/0.97, M=256 96/0.75; M=512 qkv 576/0.90.
+#   small_m 64x64x128, 4 warps, 4 stages: 3 x 16 KiB = 48 KiB. M=256 qkv 576/0.90, M=512 N=3072 384/1.0.
+GPU_CONFIGS: Dict[str, Dict[str, Config]] = {
+    "sm90": {
+        "large": Config(128, 256, 128, group_m=8, num_warps=8, num_stages=4),
+        "medium": Config(128, 128, 128, group_m=8, num_warps=8, num_stages=4),
+        "narrow": Config(128, 64, 128, group_m=8, num_warps=4, num_stages=4),
+        "small_m": Config(64, 64, 128, group_m=8, num_warps=4, num_stages=4),
+    },
+    "sm89": {
+        "medium": Config(128, 128, 128, group_m=8, num_warps=8, num_stages=4),
+        "narrow": Config(128, 64, 128, group_m=8, num_warps=4, num_stages=4),
+        "small_m": Config(64, 64, 128, group_m=8, num_warps=4, num_stages=4),
+    },
 }
 # Interpreter: few programs and few K steps are fastest; still several tiles per axis at test shapes.
 INTERPRETER_CONFIG = Config(32, 32, 32, group_m=2, num_warps=4, num_stages=1)
 
 
-def pick_config(M: int, N: int, K: int, interpreting: bool) -> Config:
-    """The config table: one entry per problem class (see GPU_CONFIGS)."""
+def pick_config(M: int, N: int, K: int, interpreting: bool, arch: Optional[GpuArch] = None,
+                device: Optional[torch.device] = None) -> Config:
+    """The config for an (M, K) x (K, N) problem on ``arch`` (default: the target_arch override, else
+    ``device``'s GPU): the table of its family, largest tile that fills the SMs (see GPU_CONFIGS)."""
     if interpreting:
         return INTERPRETER_CONFIG
+    arch = arch or current_arch(device)
+    table = GPU_CONFIGS[arch.family]
     if M <= 64:
-        return GPU_CONFIGS["small_m"]
-    if M * N >= 512 * 4096:
-        return GPU_CONFIGS["large"]
-    return GPU_CONFIGS["medium"]
+        return table["small_m"]
+    return pick_by_waves(M, N, list(table.values()), arch.num_sms)
 
 
 # Opt-in GPU autotuning over the table plus neighbours (WAM_FAST_FP8_LINEAR_AUTOTUNE=1); never under
@@ -176,7 +203,7 @@ def fp8_linear(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, wei
 
         _autotuned_kernel()[grid](*args, **common)
         return y
-    c = config or pick_config(M, N, K, interpreting)
+    c = config or pick_config(M, N, K, interpreting, device=x.device)
     grid = (triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n),)
     _fp8_linear_kernel[grid](*args, **common, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                              GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages)

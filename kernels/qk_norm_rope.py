@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gpu_arch import current_arch, overridden
+
 
 @triton.jit
 def _norm_rope_tile(x_ptr, out_ptr, offs_in, offs_out, mask, weight, bias, cos, sin, eps,
@@ -112,9 +114,9 @@ def _interpreting() -> bool:
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
+    if device.type != "cuda" and overridden() is None:
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return current_arch(device).num_sms  # the target_arch override (AOT check), else the device's
 
 
 def launch_config(B: int, H: int, N: int, hd: int, device: torch.device) -> dict:

@@ -118,11 +118,12 @@ def test_large_preactivations_do_not_overflow():
 
 
 def test_gpu_configs_compute_correctly():
-    """Each H100 table entry (128x256x64, ...), run on a small problem with tails in M, N and K (and an
-    even K), so the big tiles are checked even where they run interpreted."""
+    """Each distinct GPU table entry (sm_90 and sm_89: 128x256x64, ...), run on a small problem with tails
+    in M, N and K (and an even K), so the big tiles are checked even where they run interpreted."""
     _skip_unavailable("triton")
     kern = ops._kernel_module()
-    for name, config in kern.GPU_CONFIGS.items():
+    configs = {c: f"{family}/{name}" for family, table in kern.GPU_CONFIGS.items() for name, c in table.items()}
+    for config, name in configs.items():
         for K in (136, 128):
             x, w, b = _inputs((130,), K, 260, torch.float32)
             out = kern.ffn_gelu(x, w, b, config=config)
@@ -133,11 +134,15 @@ def test_gpu_configs_compute_correctly():
 def test_config_table():
     pytest.importorskip("triton")
     kern = ops._kernel_module()
-    big = kern.pick_config(1256, 12288, 3072, torch.bfloat16, interpreting=False)
-    assert big == kern.GPU_CONFIGS["16bit_large"] and big.block_m * big.block_n >= 128 * 128
-    assert kern.pick_config(774, 12288, 3072, torch.bfloat16, interpreting=False) == big
-    assert kern.pick_config(49, 12288, 3072, torch.float16, interpreting=False) == kern.GPU_CONFIGS["16bit_small_m"]
-    assert kern.pick_config(1256, 12288, 3072, torch.float32, interpreting=False) == kern.GPU_CONFIGS["fp32"]
+    from wam_fast.kernels.gpu_arch import SM89, SM90
+
+    h100, rtx = kern.GPU_CONFIGS["sm90"], kern.GPU_CONFIGS["sm89"]
+    big = kern.pick_config(1256, 12288, 3072, torch.bfloat16, interpreting=False, arch=SM90)
+    assert big == h100["16bit_large"] and big.block_m * big.block_n >= 128 * 128
+    assert kern.pick_config(774, 12288, 3072, torch.bfloat16, interpreting=False, arch=SM90) == big
+    assert kern.pick_config(1256, 12288, 3072, torch.bfloat16, interpreting=False, arch=SM89) == rtx["16bit_medium"]
+    assert kern.pick_config(49, 12288, 3072, torch.float16, interpreting=False, arch=SM90) == h100["16bit_small_m"]
+    assert kern.pick_config(1256, 12288, 3072, torch.float32, interpreting=False, arch=SM89) == rtx["fp32"]
     assert kern.pick_config(1256, 12288, 3072, torch.bfloat16, interpreting=True) == kern.INTERPRETER_CONFIG
 
 

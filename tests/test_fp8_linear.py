@@ -155,11 +155,12 @@ def test_consumes_gated_residual_adaln_fp8_output():
 
 
 def test_gpu_configs_compute_correctly():
-    """Each H100 table entry (128x256x128, ...) on a small problem with tails in M, N and K, and an even
-    K, so the big tiles are checked even where they run interpreted."""
+    """Each distinct GPU table entry (sm_90 and sm_89: 128x256x128, ...) on a small problem with tails in
+    M, N and K, and an even K, so the big tiles are checked even where they run interpreted."""
     _skip_unavailable("triton")
     kern = ops.kernel_module("fp8_linear")
-    for name, config in kern.GPU_CONFIGS.items():
+    configs = {c: f"{family}/{name}" for family, table in kern.GPU_CONFIGS.items() for name, c in table.items()}
+    for config, name in configs.items():
         for K in (136, 128):
             args = _inputs((130,), K, 260)
             out = kern.fp8_linear(*args, torch.float32, config=config)
@@ -170,10 +171,15 @@ def test_gpu_configs_compute_correctly():
 def test_config_table():
     pytest.importorskip("triton")
     kern = ops.kernel_module("fp8_linear")
-    big = kern.pick_config(1256, 12288, 3072, interpreting=False)
-    assert big == kern.GPU_CONFIGS["large"] and big.block_k >= 64
-    assert kern.pick_config(774, 3072, 12288, interpreting=False) == big
-    assert kern.pick_config(49, 12288, 3072, interpreting=False) == kern.GPU_CONFIGS["small_m"]
+    from wam_fast.kernels.gpu_arch import SM89, SM90
+
+    h100, rtx = kern.GPU_CONFIGS["sm90"], kern.GPU_CONFIGS["sm89"]
+    big = kern.pick_config(1256, 12288, 3072, interpreting=False, arch=SM90)
+    assert big == h100["large"] and big.block_k >= 64
+    # N = 3072 at M = 774: the large tile gives 84 tiles on 132 SMs; a narrower one fills them
+    assert kern.pick_config(774, 3072, 12288, interpreting=False, arch=SM90) == h100["narrow"]
+    assert kern.pick_config(1256, 12288, 3072, interpreting=False, arch=SM89) == rtx["medium"]
+    assert kern.pick_config(49, 12288, 3072, interpreting=False, arch=SM89) == rtx["small_m"]
     assert kern.pick_config(1256, 12288, 3072, interpreting=True) == kern.INTERPRETER_CONFIG
 
 
