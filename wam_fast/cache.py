@@ -73,28 +73,44 @@ class _CachePass:
 
     def __init__(self, cache: "TemporalKVCache", part: str):
         self.cache, self.part, self.calls = cache, part, 0
+        self.written: Optional[int] = None  # the layer whose K/V the attention module wrote into kv_out
+
+    def kv_out(self, layer: int):
+        """The views of the cache's buffers this pass stores layer ``layer``'s K/V in. The caller (a fused
+        attention) writes them there itself, so this layer's ``__call__`` copies nothing."""
+        self.written = layer
+        return self._views(layer)
+
+    def _views(self, layer: int):
+        cache = self.cache
+        keys, values = cache.k[layer], cache.v[layer]
+        if self.part == "text":
+            start, end = 0, cache.text_len
+        elif self.part == "frame":
+            start, end = cache.slot_span(cache.current_slot)
+        else:
+            start, end = cache.noisy_start, cache.num_keys
+        return keys[:, :, start:end], values[:, :, start:end]
 
     def __call__(self, q, k, v, layer, attention_fn):
         cache = self.cache
         self.calls += 1
         keys, values = cache.k[layer], cache.v[layer]
+        k_out, v_out = self._views(layer)
+        if self.written != layer:  # else a fused attention wrote them there already (kv_out)
+            k_out.copy_(k)
+            v_out.copy_(v)
+        self.written = None
         if self.part == "text":
             end = cache.text_len
-            keys[:, :, :end].copy_(k)
-            values[:, :, :end].copy_(v)
             return attention_fn(q, keys[:, :, :end], values[:, :, :end], None, None, "full")
         if self.part == "frame":
-            start, end = cache.slot_span(cache.current_slot)
-            keys[:, :, start:end].copy_(k)  # age 0: the encoded keys are the keys the noisy tokens see
-            values[:, :, start:end].copy_(v)
-            if cache.encoded_k is not None:
-                cache.encoded_k[layer][:, :, start - cache.text_len:end - cache.text_len].copy_(k)
+            if cache.encoded_k is not None:  # age 0: the encoded keys are the keys the noisy tokens see
+                start, end = cache.slot_span(cache.current_slot)
+                cache.encoded_k[layer][:, :, start - cache.text_len:end - cache.text_len].copy_(k_out)
             context = cache.noisy_start
             return attention_fn(q, keys[:, :, :context], values[:, :, :context], cache.query_segments[:q.shape[2]],
                                 cache.frame_key_segments, "temporal")
-        start = cache.noisy_start
-        keys[:, :, start:].copy_(k)
-        values[:, :, start:].copy_(v)
         return attention_fn(q, keys, values, cache.query_segments[:q.shape[2]], cache.noisy_key_segments, "temporal")
 
 
@@ -242,7 +258,9 @@ class TemporalKVCache:
         if self._frame_tables is None:
             self.ensure_tables()
         temb, modulation = self._frame_tables
-        self._run("frame", self.model.embed_clean_frames(image_latent), temb, modulation)
+        # contiguous once here: the patch embedding's tokens are a transposed view, which every op of the
+        # first block would otherwise copy
+        self._run("frame", self.model.embed_clean_frames(image_latent).contiguous(), temb, modulation)
         self.noisy_key_segments[start:end].fill_(VISIBLE)
         self.step_count.add_(1)
         if self.encoded_k is not None:

@@ -3,6 +3,7 @@ tables, the JSON after every row) and ``--from-json`` re-drawing of a recorded r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import List, Optional
@@ -18,6 +19,7 @@ from wam_fast.bench.models import build_model, count_parameters, make_inputs, sh
 from wam_fast.bench.report import format_accounting, format_environment, format_table, write_chart, write_json
 from wam_fast.bench.rows import CPU_PARAM_LIMIT, DEFAULT_STEPS, DTYPES, select, variants
 from wam_fast.bench.telemetry import gpu_telemetry
+from wam_fast.bench import kernels as kernel_counts
 
 
 def _int_list(text: str) -> List[int]:
@@ -62,6 +64,9 @@ def parse_args(argv=None):
                              "docs/design.md's figures for this GPU")
     parser.add_argument("--from-json", metavar="PATH",
                         help="print the table of a recorded --json file and draw its chart; measure nothing")
+    parser.add_argument("--kernels", action="store_true",
+                        help="print kernels per layer per pass (eager / fused / FP8; uncached, text, frame, cached "
+                             "step) for the workload's mask='temporal' twin with 2 layers, and measure nothing else")
     parser.add_argument("--allow-cpu-large", action="store_true",
                         help="run a multi-billion-parameter workload on CPU anyway")
     args = parser.parse_args(argv)
@@ -115,6 +120,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = configs.get(args.workload)
+    if args.kernels:
+        return kernels_main(args, cfg, device)
     every = variants(args)
     chosen = select(every, args.rows)
     if not chosen:
@@ -195,4 +202,21 @@ def main(argv=None) -> dict:
         write_json(args.json, result)
         print(f"\nwrote {args.json}")
     emit_chart(result, chart_path(args))
+    return result
+
+
+def kernels_main(args, cfg, device) -> dict:
+    """``--kernels``: the counts of ``wam_fast.bench.kernels`` (per layer: independent of the depth, so
+    2 layers; a mask="temporal" twin with at least one history frame, so every pass exists)."""
+    counted = dataclasses.replace(cfg, num_layers=2, mask="temporal", history_frames=max(cfg.history_frames, 1))
+    env = environment(str(device))
+    print(f"wam_fast bench --kernels: {args.workload} (mask='temporal', {counted.history_frames} history frames, "
+          f"2 layers), {args.dtype} on {env['device']}")
+    counts = kernel_counts.count_all(counted, DTYPES[args.dtype], device)
+    print(kernel_counts.format_counts(counts))
+    result = {"device": env["device"], "workload": args.workload, "versions": versions(env), "environment": env,
+              "kernels": [c.row() for c in counts]}
+    if args.json:
+        write_json(args.json, result)
+        print(f"\nwrote {args.json}")
     return result

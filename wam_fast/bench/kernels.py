@@ -12,7 +12,8 @@ data: a host-to-device copy on a GPU) is counted apart, as ``host_copies``.
 Variants: ``eager`` (reference model), ``fused`` (``fuse``), ``fp8`` (fused + ``quantize_fp8``).
 Passes: ``uncached`` (one forward of the whole sequence: text, ``history`` frames, the current frame,
 the noisy tokens), and with the temporal KV cache ``frame`` (one control step's frame pass, history
-aging included), ``step`` (one cached denoising step) and ``text`` (once per instruction).
+aging included), ``step`` (one cached denoising step of a fixed grid, ``denoise_at``: AdaLN tables
+precomputed) and ``text`` (once per instruction).
 """
 from __future__ import annotations
 
@@ -160,8 +161,9 @@ def count_model(model: WAMTransformer, variant: str, rows: int = 1, seed: int = 
     cache.reset()
     cache.fill_text(text)
     counts.append(count_pass(model, lambda: cache.add_frame(image), variant, "frame"))
-    counts.append(count_pass(model, lambda: cache.denoise(video, actions, timestep, step_size=step_size),
-                             variant, "step"))
+    # as WAMPolicy runs a step: on a fixed grid, with the AdaLN tables computed once (set_grid)
+    cache.set_grid([500.0], None if step_size is None else 250.0)
+    counts.append(count_pass(model, lambda: cache.denoise_at(0, video, actions), variant, "step"))
     return counts
 
 

@@ -9,6 +9,7 @@ from typing import List, Optional
 import torch
 
 import wam_fast
+from wam_fast.ops import backends_used
 from wam_fast.quant import tensor_bytes
 from wam_fast.bench.accounting import chunk_flops
 from wam_fast.bench.ceilings import floor_ms
@@ -41,7 +42,19 @@ def chunk_runner(variant: Variant, model: torch.nn.Module, inputs: dict, seed: i
     return run_chunk, applied
 
 
+def _ops_since(before: dict) -> dict:
+    """{op: {backend: calls}} run since the ``backends_used()`` snapshot ``before``."""
+    delta = {}
+    for op, counts in backends_used().items():
+        for backend, n in counts.items():
+            n -= before.get(op, {}).get(backend, 0)
+            if n:
+                delta.setdefault(op, {})[backend] = n
+    return delta
+
+
 def measure(variant: Variant, model, inputs: dict, cfg, args, device, ceilings: Optional[dict]) -> dict:
+    before = backends_used()
     run_chunk, info = chunk_runner(variant, model, inputs, args.seed, args.backend)
     chunks = []
 
@@ -91,6 +104,8 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device, ceilings: 
         "warmup": args.warmup,
         "repeats": args.repeats,
         "times_ms": [round(t, 4) for t in times],
+        # the backend each fused op actually ran (wam_fast.ops registry; graph replays reuse the capture's)
+        "op_backends": _ops_since(before),
     }
     if variant.student:
         row["step_size"] = info["step_size"]

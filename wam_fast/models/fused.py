@@ -13,7 +13,8 @@ from typing import Callable, List, Optional
 import torch.nn as nn
 
 from wam_fast import ops
-from wam_fast.models.transformer import AdaLNModulate, Attention, FeedForward, ForwardContext, GatedResidualAdaLN
+from wam_fast.models.transformer import (AdaLNModulate, Attention, FeedForward, ForwardContext, GatedResidualAdaLN,
+                                         WAMBlock)
 from wam_fast.utils.modules import retype_by_table
 
 
@@ -39,11 +40,16 @@ class FusedAttention(Attention):
     def forward(self, x, ctx: ForwardContext):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = ops.qk_norm_rope(q, k, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight,
-                                self.norm_k.bias, ctx.rope_cos, ctx.rope_sin, ctx.rope_start, ctx.rope_end,
-                                self.norm_q.eps)
+        args = (q, k, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias, ctx.rope_cos,
+                ctx.rope_sin, ctx.rope_start, ctx.rope_end, self.norm_q.eps)
+        kv_out = ctx.kv_out()
+        if kv_out is None:
+            q, k = ops.qk_norm_rope(*args)
+        else:  # a KV cache: k and v go straight into its buffers, in the same launch
+            q, k = ops.qk_norm_rope(*args, k_out=kv_out[0], v=v, v_out=kv_out[1])
+            v = kv_out[1]
         o = ctx.attend(q, k, v, ops.attention)
-        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))  # a view: attention writes (B, N, H, hd)
 
 
 class FusedFeedForward(FeedForward):
@@ -53,9 +59,16 @@ class FusedFeedForward(FeedForward):
         return self.proj_out(ops.ffn_gelu(x, self.proj_in.weight, self.proj_in.bias))
 
 
+class FusedWAMBlock(WAMBlock):
+    """The block's last residual as the gated_residual op (one launch)."""
+
+    def gated_residual(self, residual, x, gate, ctx: ForwardContext):
+        return ops.gated_residual(residual, x, gate, ctx.segments, ctx.mod_index)
+
+
 # reference class -> fused twin (exact types: a user's subclass is left alone, it may differ)
 FUSED = {AdaLNModulate: FusedAdaLNModulate, GatedResidualAdaLN: FusedGatedResidualAdaLN,
-         Attention: FusedAttention, FeedForward: FusedFeedForward}
+         Attention: FusedAttention, FeedForward: FusedFeedForward, WAMBlock: FusedWAMBlock}
 UNFUSED = {fused: reference for reference, fused in FUSED.items()}
 
 

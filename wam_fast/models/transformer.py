@@ -51,6 +51,12 @@ class ForwardContext:
         self.layer = 0
         self.modulation: Optional[torch.Tensor] = None
 
+    def kv_out(self):
+        """(k_out, v_out): where the plan keeps this layer's K/V (a KV cache's buffers), for a kernel
+        that writes them in place of a copy; None when the plan keeps none."""
+        kv_out = getattr(self.plan, "kv_out", None)
+        return None if kv_out is None else kv_out(self.layer)
+
     def attend(self, q, k, v, attention_fn):
         """(B, H, N, hd) q, k, v of this forward's tokens -> attention output (B, H, N, hd)."""
         return self.plan(q, k, v, self.layer, attention_fn)
@@ -299,7 +305,11 @@ class WAMBlock(nn.Module):
         shift2, scale2, gate2 = mod[:, :, 1].unbind(2)
         attn_out = self.attn(self.norm1(h, shift1, scale1, ctx), ctx)
         h, y = self.norm2(h, attn_out, gate1, shift2, scale2, ctx)
-        return WF.gated_residual(h, self.ff(y), gate2, ctx.segments, ctx.mod_index)
+        return self.gated_residual(h, self.ff(y), gate2, ctx)
+
+    def gated_residual(self, residual, x, gate, ctx: ForwardContext):
+        """The block's last residual: residual + gate[set] * x."""
+        return WF.gated_residual(residual, x, gate, ctx.segments, ctx.mod_index)
 
 
 class OutputAdaLN(nn.Module):

@@ -19,7 +19,7 @@ Backends: CUDA extension where built, Triton, torch (``registry``); ``use_backen
 """
 import importlib
 
-from wam_fast.ops.registry import fallbacks, use_backend
+from wam_fast.ops.registry import backends_used, fallbacks, use_backend
 from wam_fast.ops.adaln_modulate import adaln_modulate
 from wam_fast.ops.attention import attention
 from wam_fast.ops.ffn_gelu import ffn_gelu
@@ -48,4 +48,4 @@ def backend_table() -> list:
     return rows
 
 
-__all__ = list(OPS) + ["backend_table", "fallbacks", "op_module", "use_backend"]
+__all__ = list(OPS) + ["backend_table", "backends_used", "fallbacks", "op_module", "use_backend"]

@@ -52,6 +52,9 @@ def _cuda_rejects(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dtype != torch.float32 or not t.is_contiguous():
             reasons.append(f"{name} must be contiguous float32")
+    if k_out is not None:  # the Triton kernel writes the cache in its own launch; this one would copy twice
+        reasons.append("k_out/v_out cache writes: the CUDA kernel writes contiguous outputs only (two extra "
+                       "copies); the Triton kernel writes the cache in the same launch")
     return reasons
 
 

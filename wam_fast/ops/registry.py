@@ -29,6 +29,7 @@ logger = logging.getLogger("wam_fast.ops")
 BACKEND_NAMES = ("cuda", "triton", "torch")
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("wam_fast_ops_backend", default=None)
 _FALLBACKS: Dict[Tuple[str, str, Tuple[str, ...]], int] = {}
+_USED: Dict[Tuple[str, str], int] = {}  # (op, backend) -> calls it ran
 
 
 # ---- machine-level availability (None = usable, else why not) -----------------------------------
@@ -154,6 +155,7 @@ class OpBackends:
             if not why:
                 if skipped:
                     note_fallback(self.op, backend.name, skipped)
+                _USED[(self.op, backend.name)] = _USED.get((self.op, backend.name), 0) + 1
                 return backend
             if forced is not None:
                 raise RuntimeError(f"wam_fast.ops.{self.op}: backend {forced!r} was forced but cannot run "
@@ -190,6 +192,15 @@ def fallbacks() -> List[dict]:
     """Fallbacks taken in this process: op, backend used, reasons the faster ones were skipped, count."""
     return [{"op": op, "backend": backend, "skipped": list(skipped), "count": count}
             for (op, backend, skipped), count in _FALLBACKS.items()]
+
+
+def backends_used() -> Dict[str, Dict[str, int]]:
+    """Which backend each op actually ran in this process: {op: {backend: calls}} (calls replayed from a
+    CUDA graph are not calls: the capture's choice stands for them)."""
+    used: Dict[str, Dict[str, int]] = {}
+    for (op, backend), count in sorted(_USED.items()):
+        used.setdefault(op, {})[backend] = count
+    return used
 
 
 @contextlib.contextmanager
