@@ -17,7 +17,7 @@ Adding a kernel or a shape: one row in LAUNCHES,
 where ``call(k, s)`` runs the launcher of module ``k`` for one shape ``s`` of ``shapes`` (a tuple from
 the W1 constants below or your own); make its inputs with bf16(...), fp8(...), f32(...), i32(...)
 (torch.empty on the CPU: nothing is touched, tens of MB are fine). E.g.
-    ("quantize_rowwise", "ffn-in, gelu", TOKENS, lambda k, m: k.quantize_rowwise(bf16(m, FFN), gelu=True)),
+    ("quantize_rowwise", "ffn hidden", TOKENS, lambda k, m: k.quantize_rowwise(bf16(m, FFN), True, False)),
 """
 from __future__ import annotations
 
@@ -82,6 +82,17 @@ def _qk_norm_rope(k, s):
     return k.qk_norm_rope(*qk, *norms, f32(rope, HEAD_DIM), f32(rope, HEAD_DIM), n - rope, n, 1e-6)
 
 
+def _qk_norm_rope_into_cache(k, s):
+    """The KV cache's call: k and v written into a (B, H, keys, hd) buffer's slice in the same launch."""
+    b, n = s
+    q, k_in, v = (bf16(b, n, 3, HEADS, HEAD_DIM)[:, :, i].transpose(1, 2) for i in range(3))  # qkv views
+    keys, values = bf16(b, HEADS, n + 512, HEAD_DIM), bf16(b, HEADS, n + 512, HEAD_DIM)
+    norms = [bf16(HEAD_DIM) for _ in range(4)]
+    rope = max(n - TEXT, 1)
+    return k.qk_norm_rope(q, k_in, *norms, f32(rope, HEAD_DIM), f32(rope, HEAD_DIM), n - rope, n, 1e-6,
+                          k_out=keys[:, :, 512:], v=v, v_out=values[:, :, 512:])
+
+
 def _fp8_linear(k, m, n, kdim):
     return k.fp8_linear(fp8(m, kdim), f32(m, 1), fp8(n, kdim), f32(n), bf16(n), torch.bfloat16)
 
@@ -93,6 +104,12 @@ LAUNCHES: List[Tuple[str, str, Sequence, Callable]] = [
     ("gated_residual_adaln", "bf16 out", SEQS, lambda k, s: _gated(k, s, False)),
     ("gated_residual_adaln", "fp8 out", SEQS, lambda k, s: _gated(k, s, True)),
     ("qk_norm_rope", "q,k", SEQS, _qk_norm_rope),
+    ("qk_norm_rope", "q,k + K/V into the cache", SEQS, _qk_norm_rope_into_cache),
+    ("quantize_rowwise", "attention out", TOKENS, lambda k, m: k.quantize_rowwise(bf16(m, HIDDEN), False, False)),
+    ("quantize_rowwise", "ffn hidden, gelu", TOKENS, lambda k, m: k.quantize_rowwise(bf16(m, FFN), True, False)),
+    ("gated_residual", "block out", SEQS, lambda k, s: k.gated_residual(bf16(s[0], s[1], HIDDEN),
+                                                                        bf16(s[0], s[1], HIDDEN),
+                                                                        bf16(s[0], 2, HIDDEN), i32(s[1]), False)),
     ("attention", "full mask", ATTN, lambda k, s: k.attention(bf16(s[0], HEADS, s[1], HEAD_DIM),
                                                               bf16(s[0], HEADS, s[2], HEAD_DIM),
                                                               bf16(s[0], HEADS, s[2], HEAD_DIM))),

@@ -10,13 +10,15 @@
 #   STAGES="build bench" bash benchmarks/gpu_check.sh          # the bench JSON + chart on W1 only
 #   STAGES="build tests" bash benchmarks/gpu_check.sh
 #   STAGES="benchmarks" bash benchmarks/gpu_check.sh chunk      # pytest -k expression for the benchmarks
+#   STAGES="build kernels graphs" bash benchmarks/gpu_check.sh  # kernels per layer on the GPU; one W1 act()
+#                                                               # from its graph vs eager (1 and 4 steps, bf16 / FP8)
 # BENCH_ARGS adds options to the bench (default "--repeats 5"; e.g. "--rows 'paper-baseline,wam_fast-*'").
 # Without matplotlib on that machine the chart is skipped with a message; draw it from the JSON here:
 #   python -m wam_fast.bench --from-json benchmarks/results/gpu-check/bench-w1.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-check}
-STAGES=${STAGES:-build info tests benchmarks bench}
+STAGES=${STAGES:-build info tests benchmarks kernels graphs bench}
 BENCH_ARGS=${BENCH_ARGS:---repeats 5}
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
@@ -41,6 +43,15 @@ if has benchmarks; then
   python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider ${1:+-k "$1"} \
     --benchmark-json "$OUT/benchmarks.json" --benchmark-columns=median,iqr,rounds > "$OUT/benchmarks.txt" 2>&1
   echo "benchmarks: exit $? ($((SECONDS - t0)) s)"; tail -n 60 "$OUT/benchmarks.txt"
+fi
+if has kernels; then
+  python -m wam_fast.bench --kernels --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
+  echo "bench --kernels: exit $?"; tail -n 14 "$OUT/kernels.txt"
+fi
+if has graphs; then
+  t0=$SECONDS
+  python benchmarks/graph_vs_eager.py --json "$OUT/graph-vs-eager.json" ${GRAPH_ARGS:-} > "$OUT/graph-vs-eager.txt" 2>&1
+  echo "graph_vs_eager: exit $? ($((SECONDS - t0)) s)"; tail -n 6 "$OUT/graph-vs-eager.txt"
 fi
 if has bench; then
   t0=$SECONDS

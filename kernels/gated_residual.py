@@ -49,12 +49,13 @@ MAX_BLOCK_D = 1024
 
 
 def launch_config(N: int, D: int, interpret: bool):
-    """(ROWS, BLOCK_D, num_warps): 4096-element tiles on a GPU (D = 3072: 4 rows x 1024 columns),
-    bigger under the interpreter, where each program costs a Python-level step."""
+    """(ROWS, BLOCK_D, num_warps): 4096-element tiles on a GPU (D = 3072: 4 rows x 1024 columns) over
+    8 warps, 16 elements a thread (4 warps, 32 a thread, spill on sm_89 and sm_90a: benchmarks/aot_check.py);
+    bigger tiles under the interpreter, where each program costs a Python-level step."""
     block_d = min(triton.next_power_of_2(D), MAX_BLOCK_D if not interpret else 4096)
     budget = 32768 if interpret else 4096
     rows = max(1, min(budget // block_d, triton.next_power_of_2(N)))
-    return rows, block_d, 4
+    return rows, block_d, 4 if interpret else 8
 
 
 def gated_residual(residual, x, gate, token_sets, interpret: bool):

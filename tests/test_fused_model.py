@@ -35,13 +35,14 @@ def test_fuse_swaps_pieces_and_keeps_parameters():
     swapped = fused.fuse(model)
     layers = model.config.num_layers
     assert sorted({s["to"] for s in swapped}) == ["FusedAdaLNModulate", "FusedAttention", "FusedFeedForward",
-                                                 "FusedGatedResidualAdaLN"]
-    assert len(swapped) == 4 * layers
+                                                 "FusedGatedResidualAdaLN", "FusedWAMBlock"]
+    assert len(swapped) == 5 * layers
+    assert type(model.blocks[0]) is fused.FusedWAMBlock
     assert type(model.blocks[0].attn) is fused.FusedAttention
     assert list(model.state_dict()) == keys  # checkpoints load either way
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == params  # shared, not copied
     assert fused.fuse(model) == []  # idempotent
-    assert len(fused.unfuse(model)) == 4 * layers
+    assert len(fused.unfuse(model)) == 5 * layers
     assert type(model.blocks[0].attn) is wam_fast.models.transformer.Attention
 
 
