@@ -79,8 +79,19 @@ struct AdalnArgs {
 constexpr int kRowMaxThreads = 512;
 constexpr int kRowMaxItems = 8;
 
+// Resident blocks of kRowMaxThreads per SM that each register kernel is built for: the register
+// budget is 64K / (512 x this) = 40 (1 item), 64 (2 or 4 items) or 128 (8 items) per thread. Stated
+// explicitly because with a bare __launch_bounds__(512) ptxas picks an occupancy step of its own
+// and, when the code is a couple of registers over it, spills to reach it (the values live across
+// the IEEE-division slow-path call of the mean / variance / FP8 divisions). Each budget here holds
+// its kernel without spilling (CI fails on any spill); only fp32 with 2 items needs 48 registers.
+template <int kItems>
+constexpr int row_min_blocks() {
+  return kItems == 1 ? 3 : kItems <= 4 ? 2 : 1;
+}
+
 template <typename T, int W, int kItems, bool kResidual>
-__global__ void __launch_bounds__(kRowMaxThreads)
+__global__ void __launch_bounds__(kRowMaxThreads, row_min_blocks<kItems>())
 adaln_rows_kernel(const AdalnArgs<T> a) {
   __shared__ float scratch[3][32];  // one per block reduction: sum, squared deviations, amax
 
@@ -88,10 +99,16 @@ adaln_rows_kernel(const AdalnArgs<T> a) {
   const int64_t b = int32_t(blockIdx.x) / int32_t(a.N);
   const int64_t n = row - b * a.N;
   const int set = segment_set(a.table, n);
-  const int64_t D = a.D;
-  const int64_t units = D / W;  // exact: W == 1 or D % W == 0
-  const int64_t row_off = row * D;
-  const int64_t set_off = (b * a.S + set) * D;
+  // D < 2^31 (checked on the host): offsets within a row are 32-bit; only the row / set bases are
+  // 64-bit. (64-bit unit indices cost a register pair each, kept live across the whole kernel.)
+  const int D = int(a.D);
+  const int units = D / W;  // exact: W == 1 or D % W == 0
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t row_off = row * a.D;
+  const int64_t set_off = (b * a.S + set) * a.D;
+  const T* x_row = a.x + row_off;
+  const T* shift_row = a.shift + set_off;
+  const T* scale_row = a.scale + set_off;
 
   // Load (and for kResidual form, round and write r); units past the row hold 0 and stay out of
   // every sum below.
@@ -99,10 +116,10 @@ adaln_rows_kernel(const AdalnArgs<T> a) {
   float sum = 0.f;
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
-    const int64_t u = threadIdx.x + int64_t(j) * blockDim.x;
+    const int u = tid + j * nthreads;
     if (u < units) {
-      const int64_t i = u * W;
-      load_floats<W>(a.x + row_off + i, v[j]);
+      const int i = u * W;
+      load_floats<W>(x_row + i, v[j]);
       if constexpr (kResidual) {
         float res[W], g[W];
         T rt[W];
@@ -128,7 +145,7 @@ adaln_rows_kernel(const AdalnArgs<T> a) {
   float sq = 0.f;
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
-    const int64_t u = threadIdx.x + int64_t(j) * blockDim.x;
+    const int u = tid + j * nthreads;
     if (u < units) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
@@ -144,12 +161,12 @@ adaln_rows_kernel(const AdalnArgs<T> a) {
   float amax = 0.f;
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
-    const int64_t u = threadIdx.x + int64_t(j) * blockDim.x;
+    const int u = tid + j * nthreads;
     if (u < units) {
-      const int64_t i = u * W;
+      const int i = u * W;
       float sh[W], sc[W], w[W] = {}, bb[W] = {};
-      load_floats<W>(a.shift + set_off + i, sh);
-      load_floats<W>(a.scale + set_off + i, sc);
+      load_floats<W>(shift_row + i, sh);
+      load_floats<W>(scale_row + i, sc);
       if (a.weight) load_floats<W>(a.weight + i, w);
       if (a.bias) load_floats<W>(a.bias + i, bb);
 #pragma unroll
@@ -169,7 +186,7 @@ adaln_rows_kernel(const AdalnArgs<T> a) {
   if (threadIdx.x == 0) a.y_scale[row] = y_scale;
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
-    const int64_t u = threadIdx.x + int64_t(j) * blockDim.x;
+    const int u = tid + j * nthreads;
     if (u < units) store_fp8<W>(a.y_fp8 + row_off + u * W, v[j], y_scale);
   }
 }
