@@ -43,6 +43,8 @@ TOKENS = (256, 512, 774, 1256, 1548, 2512)                              # GEMM r
 SEQS = ((1, 256), (2, 256), (1, 774), (2, 774), (1, 1256), (2, 1256))   # (batch, tokens)
 ATTN = ((1, 256, 256), (2, 256, 256), (1, 774, 1256), (2, 774, 1256), (1, 1256, 1256), (2, 1256, 1256))
 TEXT = 226  # text tokens: rope covers the tokens after them
+CACHED_ATTN = ((1, 256, 994), (2, 256, 994), (1, 774, 1256), (2, 774, 1256), (1, 774, 1768), (2, 774, 1768))
+# ^ (batch, queries, keys): frame pass over text + 3 slots; cached step with 0 or 2 history frames
 
 
 def bf16(*shape):
@@ -113,6 +115,11 @@ LAUNCHES: List[Tuple[str, str, Sequence, Callable]] = [
     ("attention", "full mask", ATTN, lambda k, s: k.attention(bf16(s[0], HEADS, s[1], HEAD_DIM),
                                                               bf16(s[0], HEADS, s[2], HEAD_DIM),
                                                               bf16(s[0], HEADS, s[2], HEAD_DIM))),
+    # the KV cache's calls: the frame pass (256 queries over text + frame slots) and the cached step
+    # (774 noisy queries over all 1256 keys), segment ids on: the TEMPORAL variant
+    ("attention", "temporal (KV cache)", CACHED_ATTN, lambda k, s: k.attention(
+        bf16(s[0], HEADS, s[1], HEAD_DIM), bf16(s[0], HEADS, s[2], HEAD_DIM), bf16(s[0], HEADS, s[2], HEAD_DIM),
+        i32(s[1]), i32(s[2]), temporal=True)),
     ("ffn_gelu", "ffn-in", TOKENS, lambda k, m: k.ffn_gelu(bf16(m, HIDDEN), bf16(FFN, HIDDEN), bf16(FFN))),
     ("fp8_linear", "qkv", TOKENS, lambda k, m: _fp8_linear(k, m, 3 * HIDDEN, HIDDEN)),
     ("fp8_linear", "out", TOKENS, lambda k, m: _fp8_linear(k, m, HIDDEN, HIDDEN)),

@@ -58,17 +58,16 @@ class Config(NamedTuple):
 # 480 at 1256, but only 2 x 48 = 96 at the 256-token frame pass: under one wave on 132 or 128 SMs, so
 # default_config halves BLOCK_M when the grid has fewer programs than SMs (192 programs).
 # NOT yet measured on a GPU: designed, compiled ahead of time, untimed.
+# hd 64 uses 8 warps on both: a 128-query tile on 4 warps needs 255+ registers per thread (AOT check:
+# 24 B spilled on sm_89 with the full mask, and on sm_90a with the temporal mask the KV cache uses).
 GPU_CONFIGS: Dict[int, Config] = {
     16: Config(128, 64, 4, 3),
     32: Config(128, 64, 4, 3),
-    64: Config(128, 64, 4, 3),
+    64: Config(128, 64, 8, 3),
     128: Config(128, 64, 8, 3),
     256: Config(64, 32, 8, 2),
 }
-# sm_89 (and other GPUs without Hopper's wgmma): mma.sync keeps both the fp32 accumulator and the
-# scores in registers; at hd 64 a 128-query tile on 4 warps needs > 255 registers per thread (AOT check:
-# 24 B spilled), so 8 warps share it.
-SM89_CONFIGS: Dict[int, Config] = {**GPU_CONFIGS, 64: Config(128, 64, 8, 3)}
+SM89_CONFIGS: Dict[int, Config] = dict(GPU_CONFIGS)  # sm_89 (no wgmma): the same tiles fit (mma.sync)
 # Interpreter: every program runs as numpy ops, so fewer, larger tiles are faster.
 INTERPRETER_CONFIG = Config(128, 128, 1, 1)
 # Key blocks whose segment ids one vectorised step of the skipping pre-pass reads.

@@ -406,13 +406,13 @@ def test_graph_replays_see_weight_updates_through_the_precomputed_tables():
         p.reset(text)
     for frame in frames[:2]:
         assert torch.equal(policy.act(frame).actions, eager.act(frame).actions)
-    tables = [t.data_ptr() for pair in policy.cache._grid_tables for t in pair]
+    tables = [t.data_ptr() for t in policy.cache.table_tensors]
     with torch.no_grad():
         model.blocks[0].adaln.weight.mul_(1.5)
         model.step_embed.linear_1.bias.add_(0.1)
     a, b = policy.act(frames[2]), eager.act(frames[2])
     assert torch.equal(a.actions, b.actions)
-    assert [t.data_ptr() for pair in policy.cache._grid_tables for t in pair] == tables
+    assert [t.data_ptr() for t in policy.cache.table_tensors] == tables
     assert runner.captures == 1 and runner.replays == 2
 
 

@@ -335,6 +335,12 @@ class TemporalKVCache:
         self.ensure_tables()
 
     @property
+    def table_tensors(self) -> List[torch.Tensor]:
+        """The precomputed time embeddings and AdaLN tables (grid steps, then the frame pass): the
+        tensors a captured graph reads, refreshed in place."""
+        return [t for pair in self._grid_tables for t in pair] + list(self._frame_tables or ())
+
+    @property
     def grid(self) -> Optional[tuple]:
         """(timesteps, step_size) of ``set_grid``, or None."""
         return self._grid

@@ -126,8 +126,8 @@ class ChunkGraphs:
 
     def _binding(self, robot_id) -> tuple:
         p, cache = self.policy, self.policy.cache
-        tables = [t for pair in cache._grid_tables for t in pair] + list(cache._frame_tables or ())
-        buffers = tuple(t.data_ptr() for t in [cache.k, cache.v, cache.encoded_k] + tables if t is not None)
+        tensors = [cache.k, cache.v, cache.encoded_k] + cache.table_tensors
+        buffers = tuple(t.data_ptr() for t in tensors if t is not None)
         robot = None if robot_id is None else (robot_id.dtype, tuple(robot_id.shape))
         return (p.sampler, p.steps, p.cfg_scale, p.cfg_schedule, p.batch, p.rows, cache.batch, cache.max_history,
                 cache.grid, robot, buffers, p.dtype, p.device, id(p.generator))

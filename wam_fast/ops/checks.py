@@ -39,6 +39,16 @@ def check_same(op: str, reference_name: str, reference: torch.Tensor, dtype: boo
                             f"they must match")
 
 
+def check_residual_pair(op: str, residual, x) -> None:
+    """residual and x of a gated residual: (B, N, D) tensors of one shape, dtype and device."""
+    check_tensor(op, "residual", residual, ndim=3)
+    check_tensor(op, "x", x, ndim=3)
+    check_same(op, "residual", residual, x=x)
+    if x.shape != residual.shape:
+        raise ValueError(f"wam_fast.ops.{op}: x must have residual's shape {tuple(residual.shape)}, "
+                         f"got {tuple(x.shape)}")
+
+
 def check_segments(op: str, segments, mod_index, num_tokens: int, num_sets: int) -> None:
     """segments: consecutive token counts summing to num_tokens; mod_index: a set in [0, num_sets) per segment."""
     try:

@@ -14,7 +14,7 @@ import torch
 
 from wam_fast.ops import reference as WF
 from wam_fast.ops.adaln_modulate import check_modulation_inputs, last_dim_contiguous, token_sets_int32
-from wam_fast.ops.checks import FLOAT_DTYPES, check_same, check_tensor
+from wam_fast.ops.checks import FLOAT_DTYPES, check_residual_pair
 from wam_fast.ops.registry import OpBackends, device_reasons, kernel_module, triton_interpreting
 
 OP = "gated_residual"
@@ -65,12 +65,7 @@ def _(residual, x, gate, segments, mod_index):
 def gated_residual(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, segments, mod_index) -> torch.Tensor:
     """``residual + gate[set] * x`` per segment: residual, x (B, N, D), gate (B, S, D) of one dtype
     -> (B, N, D) in that dtype."""
-    check_tensor(OP, "residual", residual, ndim=3)
-    check_tensor(OP, "x", x, ndim=3)
-    check_same(OP, "residual", residual, x=x)
-    if x.shape != residual.shape:
-        raise ValueError(f"wam_fast.ops.{OP}: x must have residual's shape {tuple(residual.shape)}, "
-                         f"got {tuple(x.shape)}")
+    check_residual_pair(OP, residual, x)
     segments, mod_index = check_modulation_inputs(OP, residual, "residual", {"gate": gate}, segments, mod_index,
                                                   None, None, 0.0, False)
     residual, x, gate = (last_dim_contiguous(t) for t in (residual, x, gate))

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from wam_fast.ops import reference as WF
-from wam_fast.ops.checks import check_same, check_tensor
+from wam_fast.ops.checks import check_residual_pair
 from wam_fast.ops.registry import OpBackends, cuda_extension, kernel_module, triton_interpreting
 from wam_fast.ops.adaln_modulate import (MAX_TRITON_D, check_modulation_inputs, cuda_common_reasons, cuda_stream,
                                          empty_scale, last_dim_contiguous, token_sets_int32, torch_modulate,
@@ -95,12 +95,7 @@ def gated_residual_adaln(residual: torch.Tensor, x: torch.Tensor, gate: torch.Te
 
     Returns (r, y), or with ``fp8=True`` (r, y_fp8 float8_e4m3fn (B, N, D), y_scale float32 (B, N, 1)).
     """
-    check_tensor(OP, "residual", residual, ndim=3)
-    check_tensor(OP, "x", x, ndim=3)
-    check_same(OP, "residual", residual, x=x)
-    if x.shape != residual.shape:
-        raise ValueError(f"wam_fast.ops.{OP}: x must have residual's shape {tuple(residual.shape)}, "
-                         f"got {tuple(x.shape)}")
+    check_residual_pair(OP, residual, x)
     segments, mod_index = check_modulation_inputs(OP, residual, "residual",
                                                   {"gate": gate, "shift": shift, "scale": scale},
                                                   segments, mod_index, weight, bias, eps, fp8)
