@@ -8,13 +8,15 @@ compiled by ``wam_fast.compile`` (fused ops, KV cache, CUDA graphs on a GPU) and
 ``WAMPolicy.act`` (the frame's pass + S sample-forwards, guidance baked in). W1 ("videovla-5b") in
 bf16 on a GPU, "tiny" in fp32 on CPU (a smoke run there, not a measurement; the fused ops run their
 torch backend there, as the CLI does, not the Triton interpreter conftest.py enables for the op
-benchmarks); random weights.
+benchmarks); random weights. WAM_BENCH_WORKLOAD names another workload (the unit tests run "tiny"
+on a GPU too: W1 belongs to the benchmark runs, not to the test suite).
 
 On a GPU each benchmark also times with CUDA events (warm-up, median) and stores the chunk's block
 FLOPs, the % of the compute floor (the measured bf16 matmul rate) and the GPU telemetry (conftest.py)
 in its extra_info. The FP8 and uncached rows are in ``python -m wam_fast.bench``.
 """
 import contextlib
+import os
 import statistics
 
 import pytest
@@ -27,8 +29,10 @@ STUDENT_STEPS = (4, 2, 1)
 
 
 def _setting(device):
+    """(workload, dtype, compile backend) on ``device``."""
     on_gpu = device.type == "cuda"
-    return ("videovla-5b", "bf16", "inductor") if on_gpu else ("tiny", "fp32", "eager")
+    workload = os.environ.get("WAM_BENCH_WORKLOAD") or ("videovla-5b" if on_gpu else "tiny")
+    return (workload, "bf16", "inductor") if on_gpu else (workload, "fp32", "eager")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ Run as a script (by tests/test_distill_trainer.py, alone or under ``torch.distri
 It builds the same tiny WAMTransformer, frozen teacher, ``ToyDiffusion`` objective and in-memory
 dataset on every rank from the seeds, calls ``wam_fast.distill.trainer.train`` and exits.
 ``--slow S`` sleeps S seconds in every ``dataset.get`` so a test can kill the run mid-way.
+``--device`` is cpu unless told: the tests compare runs bit for bit (CUDA's gather / index_select
+backward adds with atomics, in no fixed order) and run 2 ranks on machines with one GPU or none.
 Imported by the tests for the same pieces (``tests/`` is on sys.path under pytest).
 """
 from __future__ import annotations
@@ -161,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--teacher", action="store_true")
     p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--device", default="cpu", help="TrainConfig.device (default cpu; see the module docstring)")
     return p
 
 
@@ -176,7 +179,8 @@ def build(args, parallel="auto"):
                          warmup_steps=2, lr_schedule=args.schedule, grad_clip=1.0, ema_decay=args.ema_decay,
                          precision=args.precision, seed=0, log_every=args.log_every,
                          checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep,
-                         progress=False, tensorboard=False, parallel=parallel, weight_decay=0.01)
+                         progress=False, tensorboard=False, parallel=parallel, weight_decay=0.01,
+                         device=args.device)
     return model, objective, dataset, config
 
 

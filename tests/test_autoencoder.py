@@ -24,7 +24,8 @@ def _train_config(steps: int):
     from wam_fast.distill.trainer import TrainConfig
 
     return TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=10, lr_schedule="cosine", ema_decay=0.5,
-                       precision="fp32", log_every=10, checkpoint_every=50, progress=False, tensorboard=False)
+                       precision="fp32", log_every=10, checkpoint_every=50, progress=False, tensorboard=False,
+                       device="cpu")  # the CPU whatever the machine: the same numbers everywhere
 
 
 @pytest.fixture(scope="module")

@@ -240,17 +240,18 @@ def test_gpu_telemetry_says_why_it_is_skipped(monkeypatch):
     assert "NVML did not initialise" in bench.gpu_telemetry()["skipped"]
 
 
-def test_benchmark_suite_stores_telemetry(tmp_path):
+def test_benchmark_suite_stores_telemetry(tmp_path, monkeypatch):
     """`pytest benchmarks/ --benchmark-only`: the chunk benchmark's extra_info has the row and the
-    GPU telemetry (on CPU: the one-line reason it was skipped)."""
+    GPU telemetry (on CPU: the one-line reason it was skipped). On "tiny" on a GPU too (W1 is not a unit test)."""
     pytest.importorskip("pytest_benchmark")
+    monkeypatch.setenv("WAM_BENCH_WORKLOAD", "tiny")
     path = tmp_path / "bench.json"
     result = run_python("-m", "pytest", "benchmarks/bench_chunk.py", "--benchmark-only", "-q", "-p",
                         "no:cacheprovider", "-k", "1step", "--benchmark-json", str(path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (entry,) = json.loads(path.read_text())["benchmarks"]
     info = entry["extra_info"]
-    assert info["nfe"] == 1 and info["cache"] is True and info["cache_bytes"] > 0
+    assert info["nfe"] == 1 and info["cache"] is True and info["cache_bytes"] > 0 and info["workload"] == "tiny"
     if torch.cuda.is_available():
         assert {"name", "sm_clock_mhz", "mem_clock_mhz", "power_w", "memory_used_bytes"} <= set(info["gpu_telemetry"])
     else:

@@ -27,6 +27,7 @@ from wam_fast.distill.synthetic import make_synthetic_dataset, synthetic_task
 from wam_fast.distill.evaluate import evaluate, format_table
 from wam_fast.distill.objectives import make_student
 from wam_fast.schedules import schedule_for
+from devices import cpu_only_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -436,10 +437,11 @@ def test_demo_command_small(capsys, tmp_path):
 
 def test_torchrun_two_ranks_rank0_evaluates(checkpoints, tmp_path):
     """Under torchrun both ranks train (DDP on gloo); only rank 0 evaluates and prints; --rollout is
-    made once by rank 0 while rank 1 waits."""
+    made once by rank 0 while rank 1 waits. The ranks see no GPU (on a 1-GPU machine rank 1 would ask
+    for cuda:1), so this runs on the CPU on any machine."""
     root = checkpoints
     out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = cpu_only_env(dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "wam_fast.distill", "--teacher", str(root / "teacher"), "--data", str(root / "conditions"), "--rollout",

@@ -2,7 +2,8 @@
 CPU ranks vs 1 rank, gradient accumulation, EMA, clipping, bf16 autocast, checkpoints, metrics log.
 
 The tiny WAMTransformer runs, the toy objectives and the worker script live in tests/distill_worker.py.
-Runs that are compared bit for bit use one thread, as the worker processes do.
+Runs that are compared bit for bit use one thread, as the worker processes do, and every run is on the
+CPU (device="cpu", also in the worker), whatever the machine.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _snapshot(directory: Path) -> dict:
 
 def _mlp_run(out, model=None, objective=None, dataset=None, **overrides) -> TrainResult:
     settings = dict(steps=4, batch_size=8, lr=1e-2, grad_clip=0.0, ema_decay=0.5, precision="fp32", log_every=1,
-                    checkpoint_every=2, progress=False, tensorboard=False)
+                    checkpoint_every=2, progress=False, tensorboard=False, device="cpu")
     settings.update(overrides)
     return train(model if model is not None else worker.MLP(), objective or worker.Regression(),
                  dataset if dataset is not None else worker.regression_dataset(), TrainConfig(**settings), out)
@@ -185,7 +186,8 @@ def test_resume_config_mismatch_is_an_error_that_changes_nothing(tmp_path):
         _mlp_run(tmp_path, steps=6, model=worker.MLP(width=8))
     with pytest.raises(ValueError, match="resume=False"):
         train(worker.MLP(), worker.Regression(), worker.regression_dataset(),
-              TrainConfig(steps=6, batch_size=8, progress=False, tensorboard=False), tmp_path, resume=False)
+              TrainConfig(steps=6, batch_size=8, progress=False, tensorboard=False, device="cpu"), tmp_path,
+              resume=False)
     assert _snapshot(tmp_path) == before
     # fields that say how to run, not what to compute, may change; steps may grow
     result = _mlp_run(tmp_path, steps=6, log_every=2, micro_batch=4, keep_checkpoints=1)
@@ -453,7 +455,7 @@ def test_real_diffusion_objective_on_latent_dataset(tmp_path):
     make_synthetic_dataset(tmp_path / "data", config, 24, seed=0)
     dataset = LatentDataset(tmp_path / "data")
     settings = dict(batch_size=8, micro_batch=4, lr=1e-3, precision="fp32", log_every=1, checkpoint_every=2,
-                    progress=False, tensorboard=False, ema_decay=0.9)
+                    progress=False, tensorboard=False, ema_decay=0.9, device="cpu")
     results = {}
     for name, stops in (("straight", (4,)), ("resumed", (2, 4))):
         for steps in stops:

@@ -1,6 +1,6 @@
 """The fused model path (wam_fast.models.fused): the reference WAMTransformer with its block pieces
 swapped for wam_fast.ops must give the unfused outputs (fp32 and bf16), keep its parameters and
-checkpoints, run every op's Triton kernel (interpreted on CPU), and compile as one graph."""
+checkpoints, run every op's Triton kernel (on the GPU, or interpreted on CPU), and compile as one graph."""
 import copy
 
 import pytest
@@ -11,14 +11,15 @@ from wam_fast import configs
 from wam_fast.models import fused
 from wam_fast.ops import use_backend
 from wam_fast.ops.registry import triton_reason
+from devices import kernel_device
 from model_inputs import random_inputs
 
 needs_triton = pytest.mark.skipif(triton_reason() is not None, reason=str(triton_reason()))
 
 
-def _pair(config, dtype=torch.float32):
+def _pair(config, dtype=torch.float32, device="cpu"):
     torch.manual_seed(0)
-    reference = wam_fast.WAMTransformer(config).to(dtype).eval()
+    reference = wam_fast.WAMTransformer(config).to(device, dtype).eval()
     fast = copy.deepcopy(reference)
     fused.fuse(fast)
     return reference, fast
@@ -63,7 +64,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fused_matches_reference_fp32(case):
     config, extra = CASES[case]
-    reference, fast = _pair(config)
+    reference, fast = _pair(config, device=kernel_device())
     inputs = random_inputs(reference, batch=2, **extra)
     with torch.no_grad():
         want = reference(**inputs)
@@ -78,8 +79,8 @@ def test_fused_matches_reference_fp32(case):
 def test_fused_matches_reference_bf16(case):
     """bf16 fused is as close to the fp32 model as bf16 unfused is (at most 2x its error + a floor)."""
     config, extra = CASES[case]
-    reference32, _ = _pair(config)
-    reference16, fast16 = _pair(config, torch.bfloat16)
+    reference32, _ = _pair(config, device=kernel_device())
+    reference16, fast16 = _pair(config, torch.bfloat16, kernel_device())
     inputs = random_inputs(reference32, batch=2, **extra)
     inputs16 = {k: v.to(torch.bfloat16) if v is not None and v.is_floating_point() and k != "timestep" else v
                 for k, v in inputs.items()}

@@ -7,23 +7,24 @@ import wam_fast
 from wam_fast.cache import TemporalKVCache, cache_bytes, chunk_cost
 from wam_fast.models.fused import fuse
 from wam_fast.models.transformer import Attention
+from devices import kernel_device
 
 CONTROL_STEPS = 6  # with history 2 (3 ring slots) the frames of steps 0, 1, 2 are evicted
 
 
-def temporal_model(history=2, dtype=torch.float32, seed=0, **overrides):
+def temporal_model(history=2, dtype=torch.float32, seed=0, device="cpu", **overrides):
     torch.manual_seed(seed)
     cfg = wam_fast.configs.get("tiny", mask="temporal", history_frames=history, **overrides)
-    return wam_fast.WAMTransformer(cfg).to(dtype).eval()
+    return wam_fast.WAMTransformer(cfg).to(device, dtype).eval()
 
 
 def episode(model, batch=2, steps=CONTROL_STEPS, seed=1):
     g = torch.Generator().manual_seed(seed)
     c = model.config
-    dtype = next(model.parameters()).dtype
-    text = torch.randn(batch, c.text_len, c.text_dim, generator=g).to(dtype)
-    frames = [torch.randn(batch, 1, c.latent_channels, c.latent_height, c.latent_width, generator=g).to(dtype)
-              for _ in range(steps)]
+    param = next(model.parameters())
+    text = torch.randn(batch, c.text_len, c.text_dim, generator=g).to(param.device, param.dtype)
+    frames = [torch.randn(batch, 1, c.latent_channels, c.latent_height, c.latent_width, generator=g)
+              .to(param.device, param.dtype) for _ in range(steps)]
     return text, frames
 
 
@@ -97,8 +98,8 @@ def test_cached_policy_bf16_is_within_bf16_rounding_of_the_uncached_run():
 def test_fused_model_with_cache_equals_reference_uncached():
     """The cache over the fused ops (Triton attention with segment ids over the buffers, qk_norm_rope
     with an empty RoPE range for the text pass) against the reference model without a cache."""
-    reference = temporal_model(history=1)
-    fused = temporal_model(history=1)
+    reference = temporal_model(history=1, device=kernel_device())
+    fused = temporal_model(history=1, device=kernel_device())
     fuse(fused)
     text, frames = episode(reference, steps=3)
     uncached, _ = run_policy(reference, text, frames, cache=False, steps=2)

@@ -17,6 +17,7 @@ import torch
 
 from wam_fast.distill import objectives, trainer
 from wam_fast.distill.data import FIELDS, INDEX_NAME, LatentDataset
+from wam_fast.distill.distributed import default_device
 from wam_fast.distill.evaluate import evaluate, format_table
 from wam_fast.distill.objectives import check_teacher_student
 from wam_fast.distill.rollout import teacher_rollout
@@ -74,9 +75,11 @@ def _world() -> int:
 
 
 def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """This process's device (cuda:LOCAL_RANK or cpu: ``distributed.default_device``), or a CLIError."""
+    try:
+        return default_device()
+    except ValueError as error:
+        raise CLIError(one_line(error)) from None
 
 
 def say(message: str) -> None:
@@ -182,9 +185,10 @@ def _init_group_for_rollout() -> bool:
 
     if _world() <= 1 or (dist.is_available() and dist.is_initialized()):
         return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(_device())
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = _device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
 
 

@@ -40,6 +40,26 @@ class Dist:
         return box[0]
 
 
+def default_device() -> torch.device:
+    """This process's device when none is given: ``cuda:LOCAL_RANK`` (LOCAL_RANK 0 outside torchrun)
+    when CUDA is available, else cpu. A LOCAL_RANK without a GPU of its own (2 processes on a 1-GPU
+    machine) is a ValueError, not a request for a device that does not exist."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    _check_cuda_index(device)
+    return device
+
+
+def _check_cuda_index(device: torch.device) -> None:
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{device} does not exist: this machine has {count} visible CUDA device(s) "
+                         f"(LOCAL_RANK={os.environ.get('LOCAL_RANK', 'unset')}); start at most {count} process(es) "
+                         f"per node (torchrun --nproc_per_node {count}), choose the device explicitly, or run on "
+                         "CPU (CUDA_VISIBLE_DEVICES='')")
+
+
 def setup_distributed(parallel: str, device_name: Optional[str]) -> Dist:
     """The ``Dist`` of ``TrainConfig.parallel`` / ``TrainConfig.device`` in this process's environment."""
     import torch.distributed as dist
@@ -57,12 +77,9 @@ def setup_distributed(parallel: str, device_name: Optional[str]) -> Dist:
         raise ValueError(f"parallel={mode!r} needs torchrun (RANK and WORLD_SIZE in the environment) or an "
                          "initialised torch.distributed process group; use parallel='none' or 'auto' "
                          "for one process")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name is not None:
-        device = torch.device(device_name)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device() if device_name is None else torch.device(device_name)
     if device.type == "cuda":
+        _check_cuda_index(device)
         torch.cuda.set_device(device)
     created = False
     if mode != "none" and not initialised:
@@ -93,17 +110,21 @@ def forwarding_ddp():
     return ForwardingDDP
 
 
-def fully_shard(module: nn.Module) -> None:
-    """FSDP2 ``fully_shard`` on each of ``module.blocks``, then on ``module`` (once)."""
+def fully_shard(module: nn.Module, device: torch.device) -> None:
+    """FSDP2 ``fully_shard`` on each of ``module.blocks``, then on ``module`` (once), over all ranks on
+    ``device``'s type (FSDP2's default mesh is CUDA whenever a GPU exists, even for a run on the CPU)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard as shard
 
     if isinstance(module, FSDPModule):  # e.g. a teacher already sharded by an earlier run
         return
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     blocks = getattr(module, "blocks", None)
     if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
         for block in blocks:
-            shard(block)
-    shard(module)
+            shard(block, mesh=mesh)
+    shard(module, mesh=mesh)
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ class TrainConfig:
     ``grad_clip`` <= 0 turns clipping off (the norm is still logged). Every ``log_every`` steps
     metrics.jsonl gets that step's loss and metrics (averaged over its global batch, not over the
     steps since the last line), so a resumed run logs exactly what an uninterrupted one does. ``device`` None: cuda (the
-    LOCAL_RANK-th GPU under torchrun) when available, else cpu.
+    LOCAL_RANK-th GPU under torchrun; an error when there is no such GPU) when available, else cpu.
     """
 
     steps: int = 1000

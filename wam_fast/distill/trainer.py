@@ -251,7 +251,7 @@ class _Run:
         elif d.mode == "fsdp":
             self.frozen_sharded = [ema] + ([teacher] if isinstance(teacher, nn.Module) else [])
             for module in [model] + self.frozen_sharded:
-                fully_shard(module)
+                fully_shard(module, d.device)
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
                                       eps=config.eps, weight_decay=config.weight_decay)
