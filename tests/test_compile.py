@@ -631,8 +631,9 @@ def test_graph_vs_eager_benchmark_runs_on_the_cpu_stand_in():
     spec = importlib.util.spec_from_file_location("graph_vs_eager", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    result = script.main(["--steps", "2", "--variants", "bf16", "--repeats", "3", "--warmup", "2", "--history", "1"])
+    result = script.main(["--workload", "tiny", "--steps", "2", "--variants", "bf16", "--repeats", "3", "--warmup", "2",
+                          "--history", "1"])
     (row,) = result["rows"]
-    assert row["actions_rel_err_max"] == 0.0
+    assert row["actions_rel_err_max"] <= (1e-3 if GPU else 0.0)  # CPU stand-in: the same kernels, bit for bit
     assert (row["captures"], row["replays"]) == (2, 3)  # 2 ring slots; 5 acts
     assert len(row["graph_times_ms"]) == 3 and row["speedup"] > 0
