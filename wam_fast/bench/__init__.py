@@ -33,9 +33,14 @@ KV-cache memory) for W1 and W2 with and without the cache, from the configs.
 ``pip install matplotlib``). ``--from-json PATH`` re-prints the table and draws the chart of a
 recorded run without measuring (e.g. a GPU run's JSON, charted on a laptop).
 
+``--project h100,h200,rtx4090,l40s`` measures nothing: it prints (and ``--json`` writes) a roofline
+PROJECTION of every row's latency on those GPUs from the ops each row runs, traced on the meta device
+(``projection``; docs/design.md, Projection).
+
 The package: ``rows`` (which rows a run has), ``models`` (what a row builds), ``timing``, ``ceilings``
-(the compute floor), ``accounting`` (the arithmetic per chunk), ``telemetry`` (NVML), ``measure``
-(one row), ``report`` (tables, JSON, chart) and ``cli`` (``main``); their public names are here.
+(the compute floor; the projection's ceiling table), ``accounting`` (the arithmetic per chunk),
+``telemetry`` (NVML), ``measure`` (one row), ``report`` (tables, JSON, chart), ``kernels`` (launches
+per layer), ``projection`` and ``cli`` (``main``); their public names are here.
 """
 
 from wam_fast.bench.rows import (BASELINES, CPU_PARAM_LIMIT, DEFAULT_STEPS, DTYPES, Variant, select,
@@ -43,22 +48,24 @@ from wam_fast.bench.rows import (BASELINES, CPU_PARAM_LIMIT, DEFAULT_STEPS, DTYP
 from wam_fast.bench.models import (build_model, count_parameters, default_dtype, make_inputs,
                                    quantize_fp8_in_place, shortcut_student, student_policy, temporal_twin)
 from wam_fast.bench.timing import peak_rss_bytes, percentile, time_calls
-from wam_fast.bench.ceilings import (PUBLISHED_CEILINGS, design_ceilings, floor_ms, measure_ceilings,
-                                     measure_ceilings_cached)
+from wam_fast.bench.ceilings import (DEVICE_CEILINGS, PUBLISHED_CEILINGS, DeviceCeiling, design_ceilings, floor_ms,
+                                     measure_ceilings, measure_ceilings_cached)
 from wam_fast.bench.accounting import ACCOUNTING_WORKLOADS, accounting, chunk_flops, weight_accounting
 from wam_fast.bench.telemetry import gpu_telemetry
 from wam_fast.bench.measure import add_speedups, chunk_runner, measure
 from wam_fast.bench.report import (CHART_HINT, format_accounting, format_bytes, format_environment, format_ms,
                                    format_table, write_chart, write_json)
+from wam_fast.bench.projection import format_projection, project
 from wam_fast.bench.cli import chart_path, emit_chart, main, parse_args, replot
 
 __all__ = [
-    "ACCOUNTING_WORKLOADS", "BASELINES", "CHART_HINT", "CPU_PARAM_LIMIT", "DEFAULT_STEPS", "DTYPES",
-    "PUBLISHED_CEILINGS", "Variant", "accounting", "add_speedups", "build_model", "chart_path", "chunk_flops",
-    "chunk_runner", "count_parameters", "default_dtype", "design_ceilings", "emit_chart", "floor_ms",
-    "format_accounting", "format_bytes", "format_environment", "format_ms", "format_table", "gpu_telemetry",
-    "main", "make_inputs", "measure", "measure_ceilings", "measure_ceilings_cached", "peak_rss_bytes",
-    "parse_args", "percentile", "quantize_fp8_in_place", "replot", "select", "shortcut_student",
+    "ACCOUNTING_WORKLOADS", "BASELINES", "CHART_HINT", "CPU_PARAM_LIMIT", "DEFAULT_STEPS", "DEVICE_CEILINGS",
+    "DTYPES", "DeviceCeiling", "PUBLISHED_CEILINGS", "Variant", "accounting", "add_speedups", "build_model",
+    "chart_path", "chunk_flops", "chunk_runner", "count_parameters", "default_dtype", "design_ceilings", "emit_chart",
+    "floor_ms", "format_accounting", "format_bytes", "format_environment", "format_ms", "format_projection",
+    "format_table", "gpu_telemetry", "main", "make_inputs", "measure", "measure_ceilings", "measure_ceilings_cached",
+    "peak_rss_bytes",
+    "parse_args", "percentile", "project", "quantize_fp8_in_place", "replot", "select", "shortcut_student",
     "student_policy", "student_row_name", "temporal_twin", "time_calls", "variants", "variants_for",
     "weight_accounting", "write_chart", "write_json",
 ]

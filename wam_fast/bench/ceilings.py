@@ -1,7 +1,9 @@
 """The compute floor: the dense matmul rates of this GPU (measured bf16 and FP8 GEMMs, or the published
-figures of docs/design.md, Workloads) and a chunk's floor in milliseconds at those rates."""
+figures of docs/design.md, Workloads) and a chunk's floor in milliseconds at those rates; and the
+ceiling table of the roofline projection (``DEVICE_CEILINGS``, docs/design.md, Projection)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -11,6 +13,56 @@ from wam_fast.bench.timing import percentile, time_calls
 # docs/design.md, Workloads: dense matmul rates (TFLOP/s) used when they cannot be measured here.
 PUBLISHED_CEILINGS = {"H100": {"bf16": 800.0, "fp8": 1500.0}, "H200": {"bf16": 800.0, "fp8": 1500.0},
                       "4090": {"bf16": 165.0, "fp8": 330.0}}
+
+
+
+@dataclass(frozen=True)
+class DeviceCeiling:
+    """One GPU of the projection: vendor peaks (dense, no sparsity) and the fraction of each that a
+    well-tuned kernel reaches (planning assumptions until a measured row replaces them)."""
+
+    label: str
+    bf16_tflops: float  # dense BF16 tensor cores, FP32 accumulate
+    fp8_tflops: float  # dense FP8 e4m3 tensor cores, FP32 accumulate
+    bandwidth_gbs: float  # HBM / GDDR
+    sms: int  # streaming multiprocessors: the wave size of tile quantization
+    gemm_fraction: float  # of bf16_tflops a large GEMM reaches
+    fp8_fraction: float  # of fp8_tflops
+    attention_fraction: float  # of bf16_tflops a flash-style attention kernel reaches at head_dim 64
+    bandwidth_fraction: float  # of bandwidth_gbs a streaming (elementwise / norm) kernel reaches
+    source: str
+
+    def rate(self, unit: str) -> float:
+        """Achievable FLOP/s of a compute unit: "bf16" GEMM, "fp8" GEMM or "attention"."""
+        if unit == "fp8":
+            return self.fp8_tflops * self.fp8_fraction * 1e12
+        if unit == "bf16":
+            return self.bf16_tflops * self.gemm_fraction * 1e12
+        if unit == "attention":
+            return self.bf16_tflops * self.attention_fraction * 1e12
+        raise ValueError(f"compute unit must be 'bf16', 'fp8' or 'attention', got {unit!r}")
+
+
+# Peaks: the vendor documents named in `source` (sparsity figures halved to dense). Fractions: Hopper
+# 0.80 bf16 / 0.75 FP8 give the ~800 / ~1500 TFLOP/s that large cuBLAS GEMMs reach on an H100 SXM and
+# that docs/design.md, Workloads plans with; attention at head_dim 64 reaches less (flash-style kernels
+# report ~40-50% of peak on Hopper); streaming kernels ~80% of HBM. Ada parts run GEMMs closer to their
+# (lower) peak; the L40S is power-capped at 350 W, hence its lower fractions. All fractions are
+# assumptions, to be replaced by measured rows (python -m wam_fast.bench on the GPU).
+DEVICE_CEILINGS = {
+    "h100": DeviceCeiling("NVIDIA H100 SXM5 80GB", 989.4, 1978.9, 3350.0, 132, 0.80, 0.75, 0.45, 0.80,
+                          "NVIDIA H100 Tensor Core GPU datasheet (SXM5: BF16 1979 / FP8 3958 TFLOPS with "
+                          "sparsity, 3.35 TB/s HBM3); H100 architecture whitepaper (132 SMs)"),
+    "h200": DeviceCeiling("NVIDIA H200 SXM 141GB", 989.4, 1978.9, 4800.0, 132, 0.80, 0.75, 0.45, 0.80,
+                          "NVIDIA H200 Tensor Core GPU datasheet (SXM: BF16 1979 / FP8 3958 TFLOPS with "
+                          "sparsity, 4.8 TB/s HBM3e; the H100's GH100 compute, 132 SMs)"),
+    "rtx4090": DeviceCeiling("NVIDIA GeForce RTX 4090", 165.2, 330.3, 1008.0, 128, 0.85, 0.85, 0.50, 0.85,
+                             "NVIDIA Ada GPU Architecture whitepaper, RTX 4090 column (BF16 165.2 / FP8 330.3 "
+                             "TFLOPS dense with FP32 accumulate, 1008 GB/s GDDR6X, 128 SMs)"),
+    "l40s": DeviceCeiling("NVIDIA L40S", 362.05, 733.0, 864.0, 142, 0.70, 0.70, 0.40, 0.85,
+                          "NVIDIA L40S datasheet (BF16 362.05 / FP8 733 TFLOPS dense, 864 GB/s GDDR6, "
+                          "142 SMs, 350 W)"),
+}
 
 
 def design_ceilings(device_name: str) -> Optional[dict]:

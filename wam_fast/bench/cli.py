@@ -20,6 +20,7 @@ from wam_fast.bench.report import format_accounting, format_environment, format_
 from wam_fast.bench.rows import CPU_PARAM_LIMIT, DEFAULT_STEPS, DTYPES, select, variants
 from wam_fast.bench.telemetry import gpu_telemetry
 from wam_fast.bench import kernels as kernel_counts
+from wam_fast.bench import projection
 
 
 def _int_list(text: str) -> List[int]:
@@ -67,6 +68,10 @@ def parse_args(argv=None):
     parser.add_argument("--kernels", action="store_true",
                         help="print kernels per layer per pass (eager / fused / FP8; uncached, text, frame, cached "
                              "step) for the workload's mask='temporal' twin with 2 layers, and measure nothing else")
+    parser.add_argument("--project", metavar="DEVICES", type=projection.device_list,
+                        help="print the roofline PROJECTION (not a measurement) of each row's latency per chunk on "
+                             "these GPUs, e.g. h100,h200,rtx4090,l40s, from ops traced on the meta device (default "
+                             "workload videovla-5b; any machine); --json writes it; measure nothing")
     parser.add_argument("--allow-cpu-large", action="store_true",
                         help="run a multi-billion-parameter workload on CPU anyway")
     args = parser.parse_args(argv)
@@ -110,6 +115,8 @@ def main(argv=None) -> dict:
         if args.json:
             parser.error("--from-json re-draws a recorded run; it does not take --json")
         return replot(args)
+    if args.project:
+        return projection.project_main(parser, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     if on_gpu and not torch.cuda.is_available():

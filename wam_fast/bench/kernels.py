@@ -58,10 +58,15 @@ class KernelCounter(TorchDispatchMode):
         name = _op_name(func)
         if name in HOST_DATA_OPS:
             self.host_copies += 1
-        is_view = getattr(func, "is_view", False)
-        if name not in VIEW_OPS and not is_view:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if name not in VIEW_OPS and not getattr(func, "is_view", False):
             self.ops[self.layer][name] += 1
-        return func(*args, **(kwargs or {}))
+            self.launched(func, name, args, kwargs, out)
+        return out
+
+    def launched(self, func, name: str, args, kwargs, out) -> None:
+        """Called once per counted kernel, after it ran; a subclass records more (``projection``: FLOPs, bytes)."""
 
     def in_layers(self) -> collections.Counter:
         total = collections.Counter()
@@ -72,9 +77,9 @@ class KernelCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def counting(model: WAMTransformer):
-    """A KernelCounter over ``model``'s blocks for the duration of the block."""
-    counter = KernelCounter()
+def counting(model: WAMTransformer, counter: Optional[KernelCounter] = None):
+    """``counter`` (a new KernelCounter by default) over ``model``'s blocks for the duration of the block."""
+    counter = KernelCounter() if counter is None else counter
     handles = []
     for index, block in enumerate(model.blocks):
         def enter(module, inputs, index=index):
@@ -129,10 +134,11 @@ def build_variant(config: WAMConfig, variant: str, dtype: torch.dtype, device, s
     return model
 
 
-@torch.no_grad()
-def count_model(model: WAMTransformer, variant: str, rows: int = 1, seed: int = 0) -> List[PassCount]:
-    """Every pass of ``model`` (the cached ones only for a mask="temporal" model with history frames
-    in the config: the uncached pass then sees a full window)."""
+def pass_runs(model: WAMTransformer, rows: int = 1, seed: int = 0):
+    """Yields (pass name, run) for every pass of ``model`` in order (``PASSES``; the cached ones only for a
+    mask="temporal" model); the setup a pass needs (the cache, its text, the step grid) is done before
+    its run is yielded, and each run can be called again. Random inputs on the model's device; a
+    mask="temporal" model with history frames in its config sees a full window."""
     c = model.config
     param = next(model.parameters())
     device, dtype = param.device, (param.dtype if param.is_floating_point() else torch.float32)
@@ -152,19 +158,23 @@ def count_model(model: WAMTransformer, variant: str, rows: int = 1, seed: int = 
     timestep = torch.full((rows,), 500.0, device=device)
     step_size = torch.full((rows,), 250.0, device=device) if c.distillation == "shortcut" else None
     extra = {} if step_size is None else {"step_size": step_size}
-    counts = [count_pass(model, lambda: model(video, text, actions, timestep, image=image, history=history,
-                                              **extra), variant, "uncached")]
+    yield "uncached", lambda: model(video, text, actions, timestep, image=image, history=history, **extra)
     if c.mask != "temporal":
-        return counts
+        return
     cache = TemporalKVCache(model).setup(rows, c.history_frames)
-    counts.append(count_pass(model, lambda: cache.fill_text(text), variant, "text"))
+    yield "text", lambda: cache.fill_text(text)
     cache.reset()
     cache.fill_text(text)
-    counts.append(count_pass(model, lambda: cache.add_frame(image), variant, "frame"))
+    yield "frame", lambda: cache.add_frame(image)
     # as WAMPolicy runs a step: on a fixed grid, with the AdaLN tables computed once (set_grid)
     cache.set_grid([500.0], None if step_size is None else 250.0)
-    counts.append(count_pass(model, lambda: cache.denoise_at(0, video, actions), variant, "step"))
-    return counts
+    yield "step", lambda: cache.denoise_at(0, video, actions)
+
+
+@torch.no_grad()
+def count_model(model: WAMTransformer, variant: str, rows: int = 1, seed: int = 0) -> List[PassCount]:
+    """``count_pass`` of every pass of ``model`` (``pass_runs``)."""
+    return [count_pass(model, run, variant, name) for name, run in pass_runs(model, rows, seed)]
 
 
 def count_all(config: WAMConfig, dtype: torch.dtype = torch.float32, device="cpu",
@@ -186,4 +196,4 @@ def format_counts(counts: List[PassCount]) -> str:
 
 
 __all__ = ["HOST_DATA_OPS", "KernelCounter", "PASSES", "PassCount", "VARIANTS", "VIEW_OPS", "build_variant",
-           "count_all", "count_model", "count_pass", "counting", "format_counts"]
+           "count_all", "count_model", "count_pass", "counting", "format_counts", "pass_runs"]
