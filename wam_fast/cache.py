@@ -31,6 +31,7 @@ they are recomputed, in place, when the grid or the weights change.
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -69,11 +70,22 @@ def pass_layouts(config: WAMConfig) -> Tuple[SegmentLayout, SegmentLayout, Segme
 
 
 class _CachePass:
-    """Attention plan of one pass: store this layer's K/V in the cache, attend over the buffers."""
+    """Attention plan of one pass: store this layer's K/V in the cache, attend over the buffers.
+
+    It reaches its cache through a weak reference: the cache owns its passes, and a strong reference
+    back would make a cycle that keeps the cache's buffers (GBs for W1) alive until the next gc."""
 
     def __init__(self, cache: "TemporalKVCache", part: str):
-        self.cache, self.part, self.calls = cache, part, 0
+        self._cache, self.part, self.calls = weakref.ref(cache), part, 0
         self.written: Optional[int] = None  # the layer whose K/V the attention module wrote into kv_out
+
+    @property
+    def cache(self) -> "TemporalKVCache":
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError(f"the TemporalKVCache of this {self.part} pass was dropped; its passes run only "
+                               f"through the cache (cache.fill_text / add_frame / denoise)")
+        return cache
 
     def kv_out(self, layer: int):
         """The views of the cache's buffers this pass stores layer ``layer``'s K/V in. The caller (a fused

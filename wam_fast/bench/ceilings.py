@@ -1,6 +1,10 @@
 """The compute floor: the dense matmul rates of this GPU (measured bf16 and FP8 GEMMs, or the published
 figures of docs/design.md, Workloads) and a chunk's floor in milliseconds at those rates; and the
-ceiling table of the roofline projection (``DEVICE_CEILINGS``, docs/design.md, Projection)."""
+ceiling table of the roofline projection (``DEVICE_CEILINGS``, docs/design.md, Projection).
+
+The floor's rates are square-GEMM peaks: a chunk's GEMMs are skinnier (M = its tokens, a few hundred to
+a few thousand) and its attention runs at the attention kernel's rate, so "% of floor" measures against
+a rate no chunk reaches; it compares rows and runs, and 100% is not a target (FLOOR_NOTE)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +12,11 @@ from typing import Optional
 
 import torch
 
+from wam_fast.ops.fp8_linear import FAST_ACCUM
 from wam_fast.bench.timing import percentile, time_calls
+
+FLOOR_NOTE = ("% of floor = the chunk's block FLOPs at square 8192^3 GEMM rates (bf16, FP8 with fast accumulation) "
+              "over its median: skinny GEMMs and attention run below those peaks, so 100% is out of reach")
 
 # docs/design.md, Workloads: dense matmul rates (TFLOP/s) used when they cannot be measured here.
 PUBLISHED_CEILINGS = {"H100": {"bf16": 800.0, "fp8": 1500.0}, "H200": {"bf16": 800.0, "fp8": 1500.0},
@@ -73,8 +81,9 @@ def design_ceilings(device_name: str) -> Optional[dict]:
 
 
 def measure_ceilings(device: torch.device, n: int = 8192) -> dict:
-    """Dense matmul TFLOP/s on this GPU: bf16 (a @ a) and FP8 e4m3 (torch._scaled_mm, cuBLASLt),
-    n x n x n, CUDA events; each falls back to the docs/design.md figure (source says which) or None."""
+    """Dense matmul TFLOP/s on this GPU: bf16 (a @ a) and FP8 e4m3 (torch._scaled_mm, cuBLASLt, with
+    the fast accumulation the FP8 linears use: ``wam_fast.ops.fp8_linear.FAST_ACCUM``), n x n x n, CUDA
+    events; each falls back to the docs/design.md figure (source says which) or None."""
     design = design_ceilings(torch.cuda.get_device_name(device)) or {}
     out = {}
 
@@ -88,8 +97,10 @@ def measure_ceilings(device: torch.device, n: int = 8192) -> dict:
         a8 = a.to(torch.float8_e4m3fn)
         b8 = a8.t()  # column-major second operand, as _scaled_mm requires
         one = torch.ones((), device=device, dtype=torch.float32)
-        out["fp8_tflops"] = rate(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
-        out["fp8_source"] = f"measured ({n}^3 torch._scaled_mm e4m3)"
+        out["fp8_tflops"] = rate(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                                          use_fast_accum=FAST_ACCUM))
+        accum = "fast accumulation" if FAST_ACCUM else "fp32-promoted accumulation"
+        out["fp8_source"] = f"measured ({n}^3 torch._scaled_mm e4m3, {accum} as the FP8 linears)"
     except (RuntimeError, AttributeError, TypeError) as exc:
         out["fp8_tflops"] = design.get("fp8")
         out["fp8_source"] = (f"docs/design.md ceiling ({type(exc).__name__}: {exc})".splitlines()[0]

@@ -13,8 +13,8 @@ import torch
 from wam_fast import configs
 from wam_fast.utils.environment import environment, versions
 from wam_fast.bench.accounting import accounting, weight_accounting
-from wam_fast.bench.ceilings import design_ceilings, measure_ceilings
-from wam_fast.bench.measure import add_speedups, measure
+from wam_fast.bench.ceilings import FLOOR_NOTE, design_ceilings, measure_ceilings
+from wam_fast.bench.measure import add_speedups, measure, release_memory
 from wam_fast.bench.models import build_model, count_parameters, make_inputs, shortcut_student
 from wam_fast.bench.report import format_accounting, format_environment, format_table, write_chart, write_json
 from wam_fast.bench.rows import CPU_PARAM_LIMIT, DEFAULT_STEPS, DTYPES, select, variants
@@ -53,7 +53,7 @@ def parse_args(argv=None):
                              "first torch.compile costs ~25 s per shape)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30, help="timed chunks per row after warm-up (default 30)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
               "options": options, "complete": False, "rows": [],
               "floor": None if ceilings is None else {
                   **ceilings, "flops": "block linears + attention per chunk (wam_fast.cache.chunk_cost); FP8 rows: "
-                                       "linears at the FP8 rate, attention at bf16"}}
+                                       "linears at the FP8 rate, attention at bf16", "note": FLOOR_NOTE}}
     rows = result["rows"]
 
     def record(row: dict) -> None:
@@ -172,9 +172,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     teacher = build_model(cfg, device, DTYPES[args.dtype])
     inputs = make_inputs(cfg, args.batch, device, DTYPES[args.dtype], args.seed)
-    for v in chosen:
-        if not v.student:
-            record(measure(v, teacher, inputs, cfg, args, device, ceilings))
+    teacher_rows = [v for v in chosen if not v.student]
+    for v in teacher_rows:
+        record(measure(v, teacher, inputs, cfg, args, device, ceilings))
+        # the compiled teacher's twin, graphs and torch.compile caches are not used again
+        release_memory(device, drop_compiled=v.compiled)
     groups = [[v for v in chosen if v.student and v.fp8 == fp8] for fp8 in (False, True)]
     groups = [g for g in groups if g]
     for i, group in enumerate(groups):
@@ -186,19 +188,22 @@ def main(argv=None) -> dict:
             del teacher
         for v in group:
             record(measure(v, student, inputs, cfg, args, device, ceilings))
-            if on_gpu:
-                torch.cuda.empty_cache()  # the row's policy (graphs, cache) is gone; keep peaks per row honest
+            release_memory(device)  # the row's policy (graphs, cache) is gone; keep peaks per row honest
         del student
+        release_memory(device, drop_compiled=True)  # this precision's compiled student is not used again
 
     print()
     print(format_table(args.workload, rows))
     if not on_gpu:
         print("(CPU: perf_counter medians; peak mem is the process's max RSS so far, not per row)")
     paper = next((v for v in every if v.name == "paper-baseline"))
-    guided_rows = 2
-    costs = accounting(paper.steps, guided_rows * args.batch)
-    print(f"\nper action chunk of the paper baseline's teacher, {paper.steps} steps x {guided_rows * args.batch} rows "
-          f"(batch {args.batch}, cond + uncond), no history; block linears + attention (arithmetic from the configs):")
+    # the paper baseline's setting (guided: cond + uncond rows) and each student step count (guidance
+    # baked in: one row per observation)
+    settings = [(paper.steps, 2 * args.batch)] + [(s, args.batch) for s in args.steps]
+    costs = [entry for steps, n_rows in settings for entry in accounting(steps, n_rows)]
+    print(f"\nper action chunk (batch {args.batch}, no history): the paper baseline's teacher, {paper.steps} steps x "
+          f"{2 * args.batch} rows (cond + uncond), and the students' {', '.join(map(str, args.steps))} steps x "
+          f"{args.batch} row; block linears + attention (arithmetic from the configs):")
     print(format_accounting(costs))
     weights = weight_accounting()
     print(f"\nW1 weights (meta-device arithmetic): bf16 {weights['bf16'] / 1e9:.2f} GB, FP8 backbone linears "

@@ -1,8 +1,9 @@
-"""Measuring one bench row: the chunk it runs (the eager teacher through ``wam_fast.sample`` or the
-compiled student's ``WAMPolicy.act``), its timed latency, memory, FLOPs and floor, and the speedups
-over the baselines measured in the same run."""
+"""Measuring one bench row: the chunk it runs (the eager teacher through ``wam_fast.sample``, or
+``WAMPolicy.act`` of the compiled teacher or student), its timed latency, memory, FLOPs, floor and GPU
+telemetry, the memory released between rows, and the speedups over the baselines measured in the same run."""
 from __future__ import annotations
 
+import gc
 import time
 from typing import List, Optional
 
@@ -13,16 +14,17 @@ from wam_fast.ops import backends_used
 from wam_fast.quant import tensor_bytes
 from wam_fast.bench.accounting import chunk_flops
 from wam_fast.bench.ceilings import floor_ms
-from wam_fast.bench.models import student_policy
+from wam_fast.bench.models import compiled_policy
 from wam_fast.bench.rows import BASELINES, Variant
+from wam_fast.bench.telemetry import gpu_telemetry
 from wam_fast.bench.timing import percentile, time_calls
 
 
 def chunk_runner(variant: Variant, model: torch.nn.Module, inputs: dict, seed: int, backend: str = "eager"):
     """(run_chunk, info) for ``variant``: run_chunk() produces one action chunk (the ActionChunk);
-    ``model`` is the teacher for baseline rows, the shortcut student for student rows. The policy's
-    reset(text) (once per instruction) runs here, outside any timing."""
-    if not variant.student:
+    ``model`` is the teacher for teacher rows (eager or compiled), the shortcut student for student
+    rows. The policy's reset(text) (once per instruction) runs here, outside any timing."""
+    if not variant.compiled:
         kwargs = dict(sampler=variant.sampler, steps=variant.steps, cfg_scale=variant.cfg_scale,
                       cfg_schedule=variant.cfg_schedule, seed=seed)
 
@@ -31,15 +33,30 @@ def chunk_runner(variant: Variant, model: torch.nn.Module, inputs: dict, seed: i
 
         return run_chunk, {"compiled_with": "eager (wam_fast.sample)", "cache_bytes": 0, "fused_modules": 0,
                            "fp8_layers": 0, "cuda_graphs": False, "timed_model": model}
-    policy, applied = student_policy(model, variant, seed, backend)
+    policy, applied = compiled_policy(model, variant, seed, backend)
     policy.reset(inputs["text"])
 
     def run_chunk():
         return policy.act(inputs["image"])
 
-    applied.update(cache_bytes=policy.cache_bytes, step_size=model.config.num_train_timesteps / variant.steps,
-                   timed_model=policy.model, policy=policy)
+    applied.update(cache_bytes=policy.cache_bytes, timed_model=policy.model, policy=policy)
+    if variant.student:
+        applied["step_size"] = model.config.num_train_timesteps / variant.steps
     return run_chunk, applied
+
+
+def release_memory(device: torch.device, drop_compiled: bool = False) -> None:
+    """Between rows: free what the last row held, so each row's peak memory is its own. gc first (a
+    cycle the code does not break, e.g. torch.compile's bound method on its module, frees only then),
+    then ``drop_compiled``: torch.compile's caches and CUDA-graph trees (after the last row of a
+    compiled model), then the CUDA caching allocator's free blocks."""
+    gc.collect()
+    if drop_compiled:
+        torch._dynamo.reset()
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def _ops_since(before: dict) -> dict:
@@ -72,6 +89,8 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device, ceilings: 
                 torch.cuda.synchronize(device)
             first_ms = (time.perf_counter() - start) * 1e3
         times, peak = time_calls(timed, device, max(args.warmup - 1, 0), args.repeats)
+    # clocks and temperature as the timed calls leave the GPU (NVML; on CPU the reason it is skipped)
+    telemetry = gpu_telemetry(device)
     flops = chunk_flops(cfg, variant, args.batch)
     chunk = chunks[-1]
     row = {
@@ -83,7 +102,8 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device, ceilings: 
         "p90_ms": round(percentile(times, 90), 3),
         "peak_mem_bytes": int(peak),
         # what the row runs (they differ row by row: see tests/test_bench.py)
-        "model": "shortcut student (mask=temporal)" if variant.student else "teacher (eager)",
+        "model": ("shortcut student (mask=temporal)" if variant.student else
+                  "teacher (compiled)" if variant.compiled else "teacher (eager)"),
         "sampler": chunk.sampler,
         "cfg_scale": variant.cfg_scale,
         "cfg_schedule": variant.cfg_schedule,
@@ -106,6 +126,7 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device, ceilings: 
         "times_ms": [round(t, 4) for t in times],
         # the backend each fused op actually ran (wam_fast.ops registry; graph replays reuse the capture's)
         "op_backends": _ops_since(before),
+        "gpu_telemetry": telemetry,
     }
     if variant.student:
         row["step_size"] = info["step_size"]

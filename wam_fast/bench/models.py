@@ -1,5 +1,6 @@
 """What a bench row runs: the random-weight teacher built on the target device and dtype, its
-shortcut student sharing the teacher's tensors, the inputs, and the compiled ``WAMPolicy`` of a student row."""
+shortcut student sharing the teacher's tensors, the inputs, and the compiled ``WAMPolicy`` of a compiled
+row (a student, or a twin of the teacher)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,13 +14,18 @@ from wam_fast.quant import fp8_layers, quantize_fp8
 from wam_fast.bench.rows import DEFAULT_STEPS, Variant
 
 
-def temporal_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """The mask="temporal" model with the same parameter tensors (no copy)."""
-    config = dataclasses.replace(model.config, mask="temporal")
+def weight_twin(model: torch.nn.Module, **changes) -> torch.nn.Module:
+    """A WAMTransformer with ``model``'s config (``changes`` applied) and the same parameter tensors (no copy)."""
+    config = dataclasses.replace(model.config, **changes)
     with torch.device("meta"):
         twin = wam_fast.WAMTransformer(config)
     twin.load_state_dict(model.state_dict(), assign=True)
-    return twin.eval()
+    return twin.eval().requires_grad_(False)
+
+
+def temporal_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The mask="temporal" model with the same parameter tensors (no copy)."""
+    return weight_twin(model, mask="temporal")
 
 
 def shortcut_student(model: torch.nn.Module, steps=DEFAULT_STEPS, seed: int = 0) -> torch.nn.Module:
@@ -83,25 +89,35 @@ def make_inputs(cfg, batch: int, device: torch.device, dtype: torch.dtype, seed:
     return {"text": text.to(device, dtype), "image": image.to(device, dtype)}
 
 
-def student_policy(student: torch.nn.Module, variant: Variant, seed: int, backend: str):
-    """The ``WAMPolicy`` a student row times, compiled by ``wam_fast.compile`` (fused ops, FP8 or not,
-    the KV cache or not, CUDA graphs where CUDA is), and what was applied ({"levers", ...}).
+def compiled_policy(model: torch.nn.Module, variant: Variant, seed: int, backend: str):
+    """The ``WAMPolicy`` a compiled row (``variant.compiled``) times, compiled by ``wam_fast.compile``
+    (fused ops, FP8 or not, the KV cache or not, CUDA graphs where CUDA is: the policy's chunk graph
+    with the cache, torch.compile's graphs of the forward without), and what was applied ({"levers", ...}).
 
-    The first policy compiles ``student`` itself (torch.compile is per model, so rows of one precision
-    share its compiled graphs); a later policy with another FP8 setting needs another student."""
+    A student row: the first policy compiles ``model`` (the student) itself (torch.compile is per model,
+    so rows of one precision share its compiled graphs); a later policy with another FP8 setting needs
+    another student. A teacher row (paper-baseline-compiled) compiles a twin holding the teacher's
+    tensors, so the teacher itself stays eager for the baseline rows and the students built from it."""
+    if not variant.compiled:
+        raise ValueError(f"{variant.name} is an eager row (wam_fast.sample); only compiled rows get a policy")
+    if not variant.student:
+        model = weight_twin(model)
     try:
-        previous = compile_report(student)
+        previous = compile_report(model)
     except ValueError:  # not compiled yet
         previous = None
     if previous is not None and previous.config.fp8 != variant.fp8:
         raise RuntimeError(f"{variant.name}: this student was compiled with fp8={previous.config.fp8}; "
                            f"build another shortcut_student for fp8={variant.fp8}")
-    policy = wam_fast.WAMPolicy(student, steps=variant.steps, sampler=variant.sampler, cache=variant.cache,
-                                history=0, seed=seed, cfg_scale=variant.cfg_scale)
+    policy = wam_fast.WAMPolicy(model, steps=variant.steps, sampler=variant.sampler, cache=variant.cache,
+                                history=0, seed=seed, cfg_scale=variant.cfg_scale, cfg_schedule=variant.cfg_schedule)
     compile(policy, CompileConfig(fused=True, fp8=variant.fp8, cache=variant.cache, backend=backend))
     model, report = policy.model, compile_report(policy)
     fused_modules = sum(type(m).__name__.startswith("Fused") for m in model.modules())
-    cuda_graphs = any(where == "cuda_graphs" for where, _ in report.applied)
+    # cached: the policy's own chunk graph; uncached: torch.compile's graphs of the model's forward (the
+    # model's own report: a model compiled by an earlier row's policy is not in this policy's report)
+    graph_report = report if policy.cache is not None else compile_report(model)
+    cuda_graphs = any(where == "cuda_graphs" for where, _ in graph_report.applied)
     compiled = any(where == "torch.compile" for where, _ in compile_report(model).applied)
     levers = [name for name, on in (("fused", fused_modules > 0), ("fp8", bool(fp8_layers(model))),
                                     ("kv-cache", policy.cache is not None), ("torch.compile", compiled),

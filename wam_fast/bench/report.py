@@ -6,7 +6,11 @@ import json
 import os
 from typing import List, Optional
 
+from wam_fast.bench.ceilings import FLOOR_NOTE
 from wam_fast.bench.rows import BASELINES
+
+RATIO_HEADS = {"released-baseline": "vs released", "paper-baseline": "vs paper",
+               "paper-baseline-compiled": "vs paper compiled"}
 
 CHART_HINT = "pip install matplotlib (or pip install 'wam_fast[bench]')"
 
@@ -21,10 +25,20 @@ def format_ms(ms: float) -> str:
     return f"{ms:.3g} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
+def _clock(row: dict) -> Optional[str]:
+    """"SM MHz / C" of a row's GPU telemetry, or None (CPU, no NVML, an older JSON)."""
+    t = row.get("gpu_telemetry") or {}
+    if t.get("sm_clock_mhz") is None:
+        return None
+    return f"{t['sm_clock_mhz']} / {t['temperature_c'] if t.get('temperature_c') is not None else '-'}"
+
+
 def format_table(workload: str, rows: List[dict]) -> str:
     floor = any(r.get("pct_of_floor") is not None for r in rows)
-    head = ["name", "sampler", "steps", "nfe", "tokens", "levers", "KV cache", "median ms", "p90 ms", "peak mem",
-            "vs released", "vs paper"] + (["% of floor"] if floor else [])
+    clocks = any(_clock(r) is not None for r in rows)
+    head = (["name", "sampler", "steps", "nfe", "tokens", "levers", "KV cache", "median ms", "p90 ms", "peak mem"]
+            + [RATIO_HEADS[b] for b in BASELINES] + (["% of floor"] if floor else [])
+            + (["SM MHz / C"] if clocks else []))
     lines = [f"workload {workload}", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         speedups = r.get("speedups", {})
@@ -35,14 +49,18 @@ def format_table(workload: str, rows: List[dict]) -> str:
                  f"{r['latency_ms']:.2f}", f"{r['p90_ms']:.2f}", format_bytes(r["peak_mem_bytes"])] + ratio
         if floor:
             cells.append("-" if r.get("pct_of_floor") is None else f"{r['pct_of_floor']:.1f}%")
+        if clocks:
+            cells.append(_clock(r) or "-")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if floor:
+        lines.append(f"({FLOOR_NOTE})")
     return "\n".join(lines)
 
 
 
 def format_accounting(entries: List[dict]) -> str:
-    head = ("workload", "model", "tokens / chunk", "TFLOP / chunk", "vs uncached", "text once per instruction",
-            "KV cache (bf16)")
+    head = ("workload", "steps x rows", "model", "tokens / chunk", "TFLOP / chunk", "vs uncached",
+            "text once per instruction", "KV cache (bf16)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     uncached = {}
     for e in entries:
@@ -51,7 +69,8 @@ def format_accounting(entries: List[dict]) -> str:
         ratio = f"{uncached[e['workload']] / e['tflop']:.2f}x fewer FLOPs" if e["cache"] else "-"
         text = f"{e['text_tokens']} tokens, {e['text_tflop']:.2f} TFLOP" if e["cache"] else "-"
         memory = format_bytes(e["cache_bytes_bf16"]) if e["cache"] else "-"
-        cells = (e["workload"], e["model"], e["tokens"], f"{e['tflop']:.2f}", ratio, text, memory)
+        cells = (e["workload"], f"{e['steps']} x {e['rows']}", e["model"], e["tokens"], f"{e['tflop']:.2f}", ratio,
+                 text, memory)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -87,17 +106,18 @@ def write_chart(result: dict, path: str) -> Optional[str]:
     fig = Figure(figsize=(9.5, 0.42 * len(rows) + 1.8), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    colours = {"baseline": "#7f7f7f", "fp8": "#e3741b", "other": "#1f6fb4"}
+    colours = {"baseline": "#7f7f7f", "compiled baseline": "#3f3f3f", "fp8": "#e3741b", "other": "#1f6fb4"}
     y = list(range(len(rows)))[::-1]
     for yi, r in zip(y, rows):
-        kind = "baseline" if r["name"] in BASELINES else ("fp8" if r["fp8"] else "other")
-        ax.barh(yi, r["latency_ms"], color=colours[kind], hatch=None if r["cache"] or kind == "baseline" else "//",
+        kind = ("fp8" if r["fp8"] else "other") if r["name"] not in BASELINES else \
+            ("compiled baseline" if r.get("compiled_with") == "wam_fast.compile" else "baseline")
+        ax.barh(yi, r["latency_ms"], color=colours[kind], hatch=None if r["cache"] or "baseline" in kind else "//",
                 edgecolor="white", height=0.7)
         ax.plot([r["latency_ms"], r["p90_ms"]], [yi, yi], color="black", linewidth=1)
         speedup = r.get("speedups", {}).get("paper-baseline")
         label = f" {format_ms(r['latency_ms'])}" + (f"  {speedup:.2f}x" if speedup is not None else "")
         if r.get("pct_of_floor") is not None:
-            label += f"  {r['pct_of_floor']:.0f}% of floor"
+            label += f"  {r['pct_of_floor']:.0f}% of GEMM floor"
         ax.text(r["p90_ms"], yi, label, va="center", fontsize=8)
     ax.set_yticks(y)
     ax.set_yticklabels([r["name"] for r in rows], fontsize=8)
@@ -110,6 +130,7 @@ def write_chart(result: dict, path: str) -> Optional[str]:
                  f"torch {versions_.get('torch')}, commit {versions_.get('commit')}; ratios vs paper-baseline",
                  fontsize=9)
     ax.legend(handles=[Patch(color=colours["baseline"], label="eager baselines (CFG, 2 rows)"),
+                       Patch(color=colours["compiled baseline"], label="paper baseline, wam_fast.compile"),
                        Patch(color=colours["other"], label="wam_fast, " + rows[-1].get("dtype", "bf16")),
                        Patch(color=colours["fp8"], label="wam_fast, FP8"),
                        Patch(facecolor="white", edgecolor="black", hatch="//", label="no KV cache")],

@@ -1,5 +1,6 @@
 """A GPU telemetry snapshot from NVML (nvidia-ml-py): clocks, power, memory, temperature; without a GPU
-or NVML, the one-line reason it was skipped. The bench's JSON and the benchmark suite store it."""
+or NVML, the one-line reason it was skipped. The bench stores one per row (read right after the row's
+timed calls: the clocks and temperature it ran at) and one per run; the benchmark suite one per benchmark."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +17,8 @@ def gpu_telemetry(device=None) -> dict:
     if not torch.cuda.is_available():
         return {"skipped": f"no CUDA device (torch {torch.__version__}"
                            f"{', a CPU build' if not torch.version.cuda else ''}): GPU telemetry not taken"}
+    if device is not None and torch.device(device).type != "cuda":
+        return {"skipped": f"the run is on {device}, not a GPU: GPU telemetry not taken"}
     try:
         return nvml.query(TELEMETRY, device)
     except nvml.NvmlUnavailable as exc:

@@ -26,6 +26,7 @@ is exercised without a GPU).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -110,11 +111,20 @@ class ChunkGraphs:
             raise TypeError(f"ChunkGraphs expects a WAMPolicy, got {type(policy).__name__}")
         if policy.cache is None:
             raise ValueError("graphs capture the KV-cached chunk; this WAMPolicy has cache=False")
-        self.policy, self.capture_cls = policy, capture
+        # a weak reference: the policy owns its runner (policy.graphs); a strong one back would make a
+        # cycle that keeps the policy, its cache and the graphs' memory pool alive until the next gc
+        self._policy, self.capture_cls = weakref.ref(policy), capture
         self.graphs: Dict[int, _Graph] = {}
         self.bound: Optional[tuple] = None  # what every graph is bound to (``_binding``)
         self.captures = 0   # graphs captured so far (re-captures included)
         self.replays = 0
+
+    @property
+    def policy(self) -> WAMPolicy:
+        policy = self._policy()
+        if policy is None:
+            raise RuntimeError("the WAMPolicy of these graphs was dropped; a ChunkGraphs runs only as its policy.graphs")
+        return policy
 
     def describe(self) -> str:
         p = self.policy
@@ -159,7 +169,8 @@ class ChunkGraphs:
         robot = None if robot_id is None else robot_id.clone()
         pool = next((g.capture.memory_pool() for g in self.graphs.values()), None)
         capture = self.capture_cls(p.device, pool=pool, generator=p.generator)
-        capture.capture(lambda: p.run_chunk(image, robot, slot))
+        policy = self._policy  # EagerCapture keeps the call: a weak reference, no cycle through the policy
+        capture.capture(lambda: policy().run_chunk(image, robot, slot))
         self.captures += 1
         return _Graph(capture, image, robot)
 

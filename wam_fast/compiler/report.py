@@ -3,7 +3,6 @@ the accuracy checks; ``compile_report(obj)`` reads it back."""
 from __future__ import annotations
 
 import re
-import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -92,4 +91,10 @@ def attach_report(obj, report: CompileReport, bound: bool) -> None:
     """Keep ``report`` on ``obj`` (and, for wam_fast's own classes, a ``.report()`` method)."""
     obj.__dict__[REPORT_ATTR] = report  # not through nn.Module.__setattr__: a plain attribute
     if bound:  # our own classes (no user attribute to shadow): a .report() method on the instance
-        obj.__dict__["report"] = types.MethodType(compile_report, obj)
+        # a function of the report alone: a bound method of obj, kept on obj, would be a reference
+        # cycle keeping a dropped policy (its cache, its graphs) or model alive until the next gc
+        def report_method() -> CompileReport:
+            return report
+
+        report_method.__doc__ = compile_report.__doc__
+        obj.__dict__["report"] = report_method
