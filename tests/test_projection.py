@@ -40,6 +40,15 @@ def ms(row, device="h100"):
     return row["projected"][device]["ms"]
 
 
+def test_the_compiled_teacher_is_the_fused_teacher_from_graphs(w1):
+    """paper-baseline-compiled: the same FLOPs as the eager teacher, fused kernels, CUDA-graph launches."""
+    eager, compiled = w1["paper-baseline"], w1["paper-baseline-compiled"]
+    assert compiled["flops"] == eager["flops"] and compiled["model"] == "teacher, fused"
+    assert compiled["launch"] == "one CUDA graph per chunk" and eager["launch"] == "eager launches"
+    for device in DEVICES:
+        assert ms(compiled, device) < ms(eager, device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_cache_on_is_faster_than_off(w1, device):
     for steps in (1, 2, 4):
