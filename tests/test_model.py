@@ -376,3 +376,24 @@ def test_temporal_attention_plan_equals_the_explicit_mask_and_context_ignores_no
     k2, v2 = k.clone(), v.clone()
     k2[:, :, context:], v2[:, :, context:] = float("nan"), float("nan")
     torch.testing.assert_close(plan(q, k2, v2, 0, WF.attention)[:, :, :context], out[:, :, :context], rtol=0, atol=0)
+
+
+def test_layout_tables_made_under_inference_mode_serve_a_training_forward():
+    """The per-layout RoPE / segment tables are kept across forwards: made first under inference_mode
+    (an eval rollout), they must still serve a forward that autograd records (training)."""
+    from wam_fast.models import transformer
+
+    cfg = wam_fast.configs.get("tiny", mask="temporal", history_frames=1, latent_height=6)  # a layout no other test made
+    model = wam_fast.WAMTransformer(cfg)
+    c = cfg
+    args = (torch.randn(1, c.noisy_frames, c.latent_channels, c.latent_height, c.latent_width),
+            torch.randn(1, c.text_len, c.text_dim), torch.randn(1, c.action_len, c.action_dim), torch.full((1,), 500.0))
+    image = torch.randn(1, 1, c.latent_channels, c.latent_height, c.latent_width)
+    transformer._LAYOUT_TABLES.clear()
+    with torch.inference_mode():
+        model(*args, image=image)
+    assert all(not t.is_inference() for tables in transformer._LAYOUT_TABLES.values()
+               for t in tables.values() if isinstance(t, torch.Tensor))
+    video_out, action_out = model(*args, image=image)
+    (video_out.square().mean() + action_out.square().mean()).backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None

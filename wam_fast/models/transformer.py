@@ -103,7 +103,10 @@ def layout_tables(layout: SegmentLayout, config: WAMConfig, device) -> dict:
     key = (layout, config, torch.device(device))
     tables = _LAYOUT_TABLES.get(key)
     if tables is None:
-        tables = _LAYOUT_TABLES[key] = _build_layout_tables(layout, config, device)
+        # plain constants whatever the caller's mode: an inference tensor kept here would break a later
+        # forward under autograd (training), and a graph-tracked one would hold a graph
+        with torch.inference_mode(False), torch.no_grad():
+            tables = _LAYOUT_TABLES[key] = _build_layout_tables(layout, config, device)
         while len(_LAYOUT_TABLES) > _LAYOUT_TABLES_MAX:
             _LAYOUT_TABLES.popitem(last=False)
     return tables
