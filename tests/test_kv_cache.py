@@ -313,3 +313,21 @@ def test_the_readme_example_runs():
     namespace = {"wam_fast": wam_fast, "text": torch.randn(1, 8, 32), "image_latent": torch.randn(1, 1, 4, 8, 8)}
     exec(code, namespace)
     assert namespace["chunk"].actions.shape == (1, 4, 7) and namespace["policy"].cache_bytes > 0
+
+
+def test_step_tables_made_under_inference_mode_refresh_outside_it():
+    """The AdaLN tables of the step grid are made once (first act, here under inference_mode) and
+    refreshed in place when a weight changes, also from a later act outside inference_mode."""
+    model = temporal_model(history=1, distillation="shortcut", distilled_steps=(2,))
+    policy = wam_fast.WAMPolicy(model, seed=0, history=1)
+    eager = wam_fast.WAMPolicy(model, seed=0, history=1)
+    text, frames = episode(model, batch=1, steps=2)
+    policy.reset(text)
+    eager.reset(text)
+    with torch.inference_mode():
+        policy.act(frames[0])
+    eager.act(frames[0])
+    assert not any(t.is_inference() for t in policy.cache.table_tensors)
+    with torch.no_grad():
+        model.blocks[0].adaln.weight.mul_(1.5)
+    assert torch.equal(policy.act(frames[1]).actions, eager.act(frames[1]).actions)

@@ -317,10 +317,16 @@ class TemporalKVCache:
                     old[1].copy_(new[1])
         self._tables_stamp = stamp
 
+    # The tables are plain tensors whatever the caller's mode: made under inference_mode they could not
+    # be refreshed in place outside it.
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def _compute_frame_tables(self):
         temb = self.model.time_embed(torch.zeros((self.batch, 1), dtype=torch.float32, device=self.device))
         return temb, self.model.modulation_tables(temb, self._contexts["frame"])
 
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def _compute_grid_tables(self, timesteps, step_size):
         model, ctx = self.model, self._contexts["noisy"]
         size = None if step_size is None else torch.full((self.batch,), step_size, device=self.device)
