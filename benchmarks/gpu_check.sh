@@ -40,7 +40,7 @@ BENCH_ARGS=${BENCH_ARGS:---rows 'paper-baseline,paper-baseline-compiled,wam_fast
 GPU_TESTS=${GPU_TESTS:-tests/test_adaln_modulate.py tests/test_attention.py tests/test_ffn_gelu.py \
 tests/test_fp8_linear.py tests/test_gated_residual.py tests/test_gated_residual_adaln.py tests/test_qk_norm_rope.py \
 tests/test_quantize_rowwise.py tests/test_csrc.py tests/test_quant.py tests/test_kv_cache.py tests/test_fused_model.py \
-tests/test_kernel_counts.py tests/test_compile.py}
+tests/test_kernel_counts.py tests/test_compile.py tests/test_chunk_graphs.py}
 GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-420}
 DEADLINE_S=${DEADLINE_S:-470}
 # every file this script may leave in $OUT (what comes back is capped at 8 files)
