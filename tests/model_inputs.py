@@ -18,3 +18,13 @@ def random_inputs(model, batch=2, num_history=0, with_image=True, dtype=None, ge
     if num_history:
         inputs["history"] = torch.randn(batch, num_history, *frame, **kw)
     return inputs
+
+
+def episode(model, batch=1, steps=3, seed=1):
+    """A text embedding and ``steps`` current frames for a robot-loop test."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    text = torch.randn(batch, c.text_len, c.text_dim, generator=g)
+    frames = [torch.randn(batch, 1, c.latent_channels, c.latent_height, c.latent_width, generator=g)
+              for _ in range(steps)]
+    return text, frames

@@ -8,6 +8,7 @@ import torch
 
 import wam_fast
 from wam_fast.compiler import CompileConfig, graphs
+from model_inputs import episode
 
 EAGER = CompileConfig(backend="eager")
 GPU = torch.cuda.is_available()
@@ -17,15 +18,6 @@ def temporal(**overrides):
     torch.manual_seed(0)
     config = wam_fast.configs.get("tiny", mask="temporal", history_frames=2, **overrides)
     return wam_fast.WAMTransformer(config).eval()
-
-
-def episode(model, batch=1, steps=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    text = torch.randn(batch, c.text_len, c.text_dim, generator=g)
-    frames = [torch.randn(batch, 1, c.latent_channels, c.latent_height, c.latent_width, generator=g)
-              for _ in range(steps)]
-    return text, frames
 
 
 # ---- the chunk graph runner on the CPU (EagerCapture) ----------------------------------------------------------

@@ -21,7 +21,7 @@ from wam_fast.compiler import CompileConfig, compile_report
 from wam_fast.models import fused
 from wam_fast.quant import FP8Linear, fp8_layers, sqnr_db
 from wam_fast.utils import optional
-from model_inputs import random_inputs
+from model_inputs import episode, random_inputs
 
 EAGER = CompileConfig(backend="eager")
 REL = compiler.REL_TOLERANCE[torch.float32]
@@ -54,15 +54,6 @@ def wam(seed=0, **overrides):
 
 def temporal(**overrides):
     return wam(mask="temporal", history_frames=2, **overrides)
-
-
-def episode(model, batch=1, steps=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    text = torch.randn(batch, c.text_len, c.text_dim, generator=g)
-    frames = [torch.randn(batch, 1, c.latent_channels, c.latent_height, c.latent_width, generator=g)
-              for _ in range(steps)]
-    return text, frames
 
 
 # ---- small models of the user's own (generic path) -------------------------------------------------------
