@@ -120,6 +120,11 @@ LAUNCHES: List[Tuple[str, str, Sequence, Callable]] = [
     ("attention", "temporal (KV cache)", CACHED_ATTN, lambda k, s: k.attention(
         bf16(s[0], HEADS, s[1], HEAD_DIM), bf16(s[0], HEADS, s[2], HEAD_DIM), bf16(s[0], HEADS, s[2], HEAD_DIM),
         i32(s[1]), i32(s[2]), temporal=True)),
+    # other families' heads, 16 of them: GR00T-style 48, 96 and 120 run a padded tile (BLOCK_D = next power of
+    # two); 128 with a grid over one wave (B=2) and under it
+    ("attention", "other head_dim", ((1, 774, 1256, 48), (1, 774, 1256, 96), (1, 774, 1256, 120),
+                                     (1, 774, 1256, 128), (2, 1256, 1256, 128)),
+     lambda k, s: k.attention(bf16(s[0], 16, s[1], s[3]), bf16(s[0], 16, s[2], s[3]), bf16(s[0], 16, s[2], s[3]))),
     ("ffn_gelu", "ffn-in", TOKENS, lambda k, m: k.ffn_gelu(bf16(m, HIDDEN), bf16(FFN, HIDDEN), bf16(FFN))),
     ("fp8_linear", "qkv", TOKENS, lambda k, m: _fp8_linear(k, m, 3 * HIDDEN, HIDDEN)),
     ("fp8_linear", "out", TOKENS, lambda k, m: _fp8_linear(k, m, HIDDEN, HIDDEN)),

@@ -1,6 +1,6 @@
 """Triton kernel of ``wam_fast.ops.attention``: flash-style forward with a segment (temporal) mask.
 
-One program computes a BLOCK_M x head_dim tile of the output for one (batch, head): it keeps q in
+One program computes a BLOCK_M x BLOCK_D tile of the output for one (batch, head): it keeps q in
 registers and walks the keys in BLOCK_N blocks with an online softmax (running max ``m``, running
 sum ``l``, fp32 accumulator), so no Nq x Nk matrix is ever stored. Scores use exp2 with the softmax
 scale 1/sqrt(hd) folded into ``log2(e) / sqrt(hd)``.
@@ -16,6 +16,9 @@ n_full = Nk // BLOCK_N and n_end = cdiv(Nk, BLOCK_N) (only the tail block is mas
 
 A query row that sees no key keeps m = -inf and l = 0; its output is written as zeros (SDPA would
 give NaN). Tails: query rows past Nq are loaded as zeros and not stored; keys past Nk are masked.
+head_dim is any multiple of 8 up to 256: the tile's width BLOCK_D is the next power of two (at least
+16, what tl.dot takes) and the columns past head_dim are loaded as zeros and not stored (EVEN_D=False);
+zero columns add nothing to q k^T or to P V. GR00T-style heads of 48 run a 64-wide tile.
 q, k, v may be any strided (B, H, N, hd) views with a unit last-dim stride (e.g. the fused qkv
 projection permuted); the output is a fresh (B, H, Nq, hd) tensor in q's dtype laid out as
 (B, Nq, H, hd) in memory (``bnhd_empty``), so the model's ``o.transpose(1, 2).reshape(b, n, -1)``
@@ -39,7 +42,14 @@ import triton.language as tl
 from .gpu_arch import GpuArch, current_arch
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128, 256)
+HEAD_DIMS = (16, 32, 64, 128, 256)  # tile widths (BLOCK_D)
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 8
+
+
+def block_d(head_dim: int) -> int:
+    """The tile width for ``head_dim``: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 class Config(NamedTuple):
@@ -67,7 +77,9 @@ GPU_CONFIGS: Dict[int, Config] = {
     128: Config(128, 64, 8, 3),
     256: Config(64, 32, 8, 2),
 }
-SM89_CONFIGS: Dict[int, Config] = dict(GPU_CONFIGS)  # sm_89 (no wgmma): the same tiles fit (mma.sync)
+# sm_89 (no wgmma): the same tiles fit (mma.sync), but a 128-wide tile pipelines 2 stages, not 3 (3 spill at
+# head_dim 96: aot_check.py)
+SM89_CONFIGS: Dict[int, Config] = {**GPU_CONFIGS, 128: Config(128, 32, 8, 2)}
 # Interpreter: every program runs as numpy ops, so fewer, larger tiles are faster.
 INTERPRETER_CONFIG = Config(128, 128, 1, 1)
 # Key blocks whose segment ids one vectorised step of the skipping pre-pass reads.
@@ -85,7 +97,8 @@ def _attention_fwd(
     stride_ob, stride_oh, stride_on,
     stride_qs, stride_ks,
     H, Nq, Nk, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr,
     TEMPORAL: tl.constexpr, WRITE_STATS: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -95,11 +108,12 @@ def _attention_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM  # all true when EVEN_D (BLOCK_D == HEAD_DIM)
     m_valid = offs_m < Nq
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
 
@@ -140,15 +154,19 @@ def _attention_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # (the block step is written out in both loops, not a @jit helper: each helper call costs the
     # interpreter milliseconds of patching, and the tests run the interpreter)
     # key blocks every query of the tile sees: no mask at all
     for start_n in range(0, n_full * BLOCK_N, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        if EVEN_D:
+            k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        else:
+            k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_valid[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_valid[None, :], other=0.0)
         if DOT_FP32:
             qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
         else:
@@ -169,8 +187,10 @@ def _attention_fwd(
     for start_n in range(n_full * BLOCK_N, n_end * BLOCK_N, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < Nk
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=n_valid[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=n_valid[None, :] & d_valid[:, None],
+                    other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :],
+                    other=0.0)
         keep = n_valid[None, :]
         if TEMPORAL:
             k_seg = tl.load(KSEG + cols * stride_ks, mask=n_valid, other=0)
@@ -197,7 +217,7 @@ def _attention_fwd(
     # rows that saw no key: l = 0, acc = 0 -> zeros (never 0/0)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None])
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
 def _interpreting() -> bool:
@@ -213,15 +233,17 @@ def default_config(head_dim: int, dtype: torch.dtype, nq: int, batch_heads: Opti
     if _interpreting() if interpreting is None else interpreting:
         return INTERPRETER_CONFIG
     arch = arch or current_arch(device)
-    cfg = (GPU_CONFIGS if arch.family == "sm90" else SM89_CONFIGS)[head_dim]
+    cfg = (GPU_CONFIGS if arch.family == "sm90" else SM89_CONFIGS)[block_d(head_dim)]
     if dtype == torch.float32:  # 4-byte tiles: half the key block, fewer stages (shared memory)
         cfg = cfg._replace(block_m=min(cfg.block_m, 64), block_n=max(16, cfg.block_n // 2), num_stages=2)
     if nq <= 64:
         cfg = cfg._replace(block_m=64)
     if batch_heads is not None and cfg.block_m > 64:
         programs = triton.cdiv(nq, cfg.block_m) * batch_heads
-        if programs < arch.num_sms:  # under one wave: smaller query tiles (4 warps hold 64 rows)
-            cfg = cfg._replace(block_m=64, num_warps=min(cfg.num_warps, 4))
+        if programs < arch.num_sms:  # under one wave: smaller query tiles (4 warps hold 64 rows at hd <= 64;
+            # a 128-wide tile keeps 8 warps: on 4 it spills, aot_check.py)
+            warps = min(cfg.num_warps, 4) if block_d(head_dim) <= 64 else cfg.num_warps
+            cfg = cfg._replace(block_m=64, num_warps=warps)
     return cfg
 
 
@@ -260,8 +282,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Opt
     int32 (n_full, n_end) of every query tile). Inputs are assumed checked (wam_fast.ops.attention does)."""
     b, h, nq, hd = q.shape
     nk = k.shape[2]
-    if hd not in HEAD_DIMS:
-        raise ValueError(f"attention kernel: head_dim must be one of {HEAD_DIMS}, got {hd}")
+    if hd % HEAD_DIM_MULTIPLE or not 0 < hd <= MAX_HEAD_DIM:
+        raise ValueError(f"attention kernel: head_dim must be a multiple of {HEAD_DIM_MULTIPLE} up to "
+                         f"{MAX_HEAD_DIM}, got {hd}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = bnhd_empty(b, h, nq, hd, q.dtype, q.device)
     cfg = config or default_config(hd, q.dtype, nq, batch_heads=b * h, device=q.device)
@@ -284,7 +307,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Opt
         out.stride(0), out.stride(1), out.stride(2),
         qseg.stride(0) if temporal else 0, kseg.stride(0) if temporal else 0,
         h, nq, nk, LOG2E / math.sqrt(hd),
-        HEAD_DIM=hd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCAN=SCAN_BLOCKS,
+        HEAD_DIM=hd, BLOCK_D=block_d(hd), EVEN_D=block_d(hd) == hd,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SCAN=SCAN_BLOCKS,
         TEMPORAL=bool(temporal), WRITE_STATS=bool(return_stats), DOT_FP32=interpreting,
         FP32_PRECISION="tf32" if allow_tf32 else "ieee",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

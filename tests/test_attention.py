@@ -105,12 +105,29 @@ def test_small_dtypes(backend, dtype, hd, mask, nq):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("hd", [16, 32, 256])
+@pytest.mark.parametrize("hd", [8, 16, 32, 48, 80, 96, 120, 200, 256])
 def test_other_head_dims(backend, hd):
+    """Any multiple of 8 up to 256: powers of two fill the tile, the rest run a padded one (48 -> 64)."""
     q, k, v = qkv(1, 2, 40, 70, hd, torch.float32)
     ks = torch.randint(0, 3, (70,), device=DEVICE)
     qs = ks[30:]
-    assert_close(run(backend, q, k, v, qs, ks, "temporal"), reference(q, k, v, qs, ks, "temporal"), torch.float32)
+    out = run(backend, q, k, v, qs, ks, "temporal")
+    assert out.shape == (1, 2, 40, hd) and out_layout_ok(out)
+    assert_close(out, reference(q, k, v, qs, ks, "temporal"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hd", [48, 120])
+def test_padded_head_dims_small_dtypes(backend, dtype, hd):
+    """GR00T-style heads (48) and 120 in half precision, N = 49, full mask and a cached temporal prefix;
+    the output's padding columns are never written past head_dim (the next head's values stay intact)."""
+    q, k, v = qkv(2, 3, 49, 49, hd, dtype)
+    assert_close(run(backend, q, k, v, None, None, "full"), reference(q, k, v, None, None, "full"), dtype)
+    ks = ids((8, 7, 28, 6), (0, 1, 2, 2), torch.int32)
+    qs = ks[16:]
+    out = run(backend, q[:, :, 16:], k, v, qs, ks, "temporal")
+    assert_close(out, reference(q[:, :, 16:], k, v, qs, ks, "temporal"), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -267,10 +284,10 @@ def test_bad_inputs():
     q, k, v = qkv(1, 2, 8, 12, 64, torch.float32)
     qs = torch.zeros(8, dtype=torch.int64, device=DEVICE)
     ks = torch.zeros(12, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(ValueError, match="head_dim 48 is not supported"):
-        attention(*qkv(1, 2, 8, 8, 48, torch.float32))
-    with pytest.raises(ValueError, match="head_dim 96 is not supported"):
-        attention(*qkv(1, 2, 8, 8, 96, torch.float32))
+    with pytest.raises(ValueError, match="head_dim 44 is not supported .takes multiples of 8 up to 256"):
+        attention(*qkv(1, 2, 8, 8, 44, torch.float32))
+    with pytest.raises(ValueError, match="head_dim 264 is not supported"):
+        attention(*qkv(1, 2, 8, 8, 264, torch.float32))
     with pytest.raises(ValueError, match="4 keys but q has 8 queries"):
         attention(q, k[:, :, :4], v[:, :, :4])
     with pytest.raises(ValueError, match="mask must be one of"):
@@ -310,8 +327,8 @@ def test_triton_rejects_with_reasons():
     q, k, v = qkv(1, 1, 8, 8, 64, torch.float64)
     reasons = attention_module._rejects_triton(q, k, v, None, None, "full")
     assert any("float64" in r for r in reasons)
-    q48 = torch.randn(1, 1, 8, 48, device=DEVICE)
-    assert any("head_dim 48" in r for r in attention_module._rejects_triton(q48, q48, q48, None, None, "full"))
+    q44 = torch.randn(1, 1, 8, 44, device=DEVICE)
+    assert any("head_dim 44" in r for r in attention_module._rejects_triton(q44, q44, q44, None, None, "full"))
     with use_backend("triton"), pytest.raises(RuntimeError, match="float64"):
         torch.ops.wam_fast.attention.default(q, k, v, None, None, "full")
 

@@ -374,6 +374,29 @@ def test_multihead_attention_swap_is_exact_and_falls_back(batch_first):
     assert any("need_weights=True" in " ".join(f["skipped"]) for f in notes)
 
 
+class Heads48(nn.Module):
+    """A GR00T-style attention: 2 heads of 48 (not a power of two)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(96, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_head_dim_48_attention_is_swapped():
+    torch.manual_seed(0)
+    model = Heads48().eval()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 49, 96)
+    wam_fast.compile(model, EAGER, example_inputs=(x,))
+    assert type(model.attn) is compiler.MultiheadAttention
+    assert compile_report(model).applied_to("attn") and not compile_report(model).skipped_at("attn")
+    with torch.no_grad():
+        assert rel_err(model(x), reference(x)) <= REL
+
+
 def test_runtime_fallbacks_are_reported():
     model, reference, inputs = pipeline(need_weights=True)
     wam_fast.compile(model, EAGER, example_inputs=inputs)

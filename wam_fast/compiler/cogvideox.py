@@ -74,9 +74,9 @@ class CogVideoXAttnProcessor:
         if not reasons and attn.norm_q.eps != attn.norm_k.eps:
             reasons.append(f"norm_q eps {attn.norm_q.eps} != norm_k eps {attn.norm_k.eps}")
         head_dim = attn.inner_dim // attn.heads if hasattr(attn, "inner_dim") else None
-        heads = ops.op_module("attention").HEAD_DIMS
-        if head_dim not in heads:
-            reasons.append(f"head_dim {head_dim} (wam_fast.ops.attention takes {list(heads)})")
+        why = ops.op_module("attention").head_dim_reason(head_dim) if head_dim else "head_dim unknown"
+        if why:
+            reasons.append(f"wam_fast.ops.attention: {why}")
         return reasons
 
     def call_reasons(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb) -> List[str]:

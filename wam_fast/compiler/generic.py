@@ -2,7 +2,7 @@
 per-call fallback to the original for what it cannot honour), FP8 ``nn.Linear`` layers, torch.compile."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,8 @@ from wam_fast.quant import default_filter
 from wam_fast.utils.modules import retype, set_submodule
 
 
-def _head_dims() -> Tuple[int, ...]:
-    return ops.op_module("attention").HEAD_DIMS
+def _head_dim_reason(head_dim: int) -> Optional[str]:
+    return ops.op_module("attention").head_dim_reason(head_dim)
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -85,8 +85,9 @@ def _mha_static_reasons(module: nn.MultiheadAttention) -> List[str]:
         reasons.append(f"separate q/k/v projections (kdim={module.kdim}, vdim={module.vdim} != embed_dim)")
     if module.bias_k is not None or module.add_zero_attn:
         reasons.append("add_bias_kv / add_zero_attn (extra key rows)")
-    if module.head_dim not in _head_dims():
-        reasons.append(f"head_dim {module.head_dim} (wam_fast.ops.attention takes {list(_head_dims())})")
+    why = _head_dim_reason(module.head_dim)
+    if why:
+        reasons.append(f"wam_fast.ops.attention: {why}")
     return reasons
 
 

@@ -33,7 +33,8 @@ from wam_fast.utils import optional
 OP = "attention"
 BACKENDS = OpBackends(OP)
 MASKS = ("full", "temporal")
-HEAD_DIMS = (16, 32, 64, 128, 256)  # the Triton kernel's tiles: powers of two, one tile per head
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 8  # what flash attention takes; the Triton kernel pads the tile to a power of two
 SEGMENT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -42,9 +43,10 @@ def _kernel_module():
     return kernel_module("attention")
 
 
-def _head_dim_reason(hd: int) -> Optional[str]:
-    if hd not in HEAD_DIMS:
-        return f"head_dim {hd} is not supported (takes {list(HEAD_DIMS)}: powers of two up to 256)"
+def head_dim_reason(hd: int) -> Optional[str]:
+    """None when this op takes head_dim ``hd`` (every backend), else why not."""
+    if hd % HEAD_DIM_MULTIPLE or not 0 < hd <= MAX_HEAD_DIM:
+        return f"head_dim {hd} is not supported (takes multiples of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM})"
     return None
 
 
@@ -64,7 +66,7 @@ def _rejects_triton(q, k, v, q_segments, k_segments, mask) -> List[str]:
     reasons = device_reasons("triton", q, k, v, q_segments, k_segments)
     if q.dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {q.dtype} (takes float32, float16, bfloat16)")
-    why = _head_dim_reason(q.shape[-1])
+    why = head_dim_reason(q.shape[-1])
     if why:
         reasons.append(why)
     return reasons
@@ -83,7 +85,8 @@ def _run_torch(q, k, v, q_segments, k_segments, mask):
 
 
 BACKENDS.register("triton", _run_triton, _rejects_triton,
-                  supports="fp32 (IEEE, no TF32 unless allowed)/fp16/bf16; head_dim 16, 32, 64, 128, 256; any "
+                  supports="fp32 (IEEE, no TF32 unless allowed)/fp16/bf16; head_dim a multiple of 8 up to 256 "
+                           "(padded to a power-of-two tile); any "
                            "lengths, strided q/k/v (unit last-dim stride); full or temporal (skips masked key blocks); "
                            "writes the (B, Nq, H, hd) output layout directly")
 BACKENDS.register("torch", _run_torch, supports="any float dtype and device (SDPA, boolean mask for temporal; "
@@ -122,8 +125,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Opt
               k_segments: Optional[torch.Tensor] = None, mask: str = "full") -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v over (B, H, N, hd) tensors; see the module docstring.
 
-    q (B, H, Nq, hd); k, v (B, H, Nk, hd) with Nk >= Nq, same dtype and device; head_dim a power of
-    two up to 256. ``mask="temporal"``: q_segments (Nq,), k_segments (Nk,) int32/int64 ids, a query of
+    q (B, H, Nq, hd); k, v (B, H, Nk, hd) with Nk >= Nq, same dtype and device; head_dim a multiple
+    of 8 up to 256. ``mask="temporal"``: q_segments (Nq,), k_segments (Nk,) int32/int64 ids, a query of
     segment i sees keys of segments <= i; with ``mask="full"`` segments are ignored. Rows that see no
     key are zeros. Strided views (unit last-dim stride) are read in place. Returns (B, H, Nq, hd)
     in q's dtype whose transpose(1, 2) is contiguous ((B, Nq, H, hd) in memory).
@@ -143,7 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: Opt
     if nk < nq:
         raise ValueError(f"wam_fast.ops.{OP}: k/v have {nk} keys but q has {nq} queries; Nk >= Nq is required "
                          f"(the queries' own keys are the last Nq, a cached prefix comes first)")
-    why = _head_dim_reason(hd)
+    why = head_dim_reason(hd)
     if why:
         raise ValueError(f"wam_fast.ops.{OP}: {why}; got q {tuple(q.shape)}")
     if not isinstance(mask, str) or mask not in MASKS:
