@@ -62,13 +62,6 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension}
 
 
-def kernel_packages():
-    # kernels/ is installed as wam_fast.kernels: a top-level `kernels` would clash with PyPI's.
-    from setuptools import find_packages
-
-    return ["wam_fast.kernels"] + ["wam_fast.kernels." + p for p in find_packages(where="kernels")]
-
-
 if __name__ == "__main__":
     from setuptools import find_packages, setup
 
@@ -83,8 +76,7 @@ if __name__ == "__main__":
         long_description=long_description,
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=find_packages(include=["wam_fast", "wam_fast.*"]) + kernel_packages(),
-        package_dir={"wam_fast.kernels": "kernels"},
+        packages=find_packages(include=["wam_fast", "wam_fast.*"]),
         install_requires=[
             "torch>=2.4",  # loose on purpose: an installed (CPU or CUDA) torch satisfies it
             'triton>=3.0; platform_system == "Linux" and platform_machine == "x86_64"',

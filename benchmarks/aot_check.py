@@ -13,7 +13,7 @@ memory is the compiled kernel's ``metadata.shared``, registers and spills come f
 ptxas Triton itself uses) run on the generated PTX. One line per kernel / config / arch.
 
 Adding a kernel or a shape: one row in LAUNCHES,
-    (module in kernels/, label, shapes, call)
+    (module in wam_fast/kernels/, label, shapes, call)
 where ``call(k, s)`` runs the launcher of module ``k`` for one shape ``s`` of ``shapes`` (a tuple from
 the W1 constants below or your own); make its inputs with bf16(...), fp8(...), f32(...), i32(...)
 (torch.empty on the CPU: nothing is touched, tens of MB are fine). E.g.
@@ -99,7 +99,7 @@ def _fp8_linear(k, m, n, kdim):
     return k.fp8_linear(fp8(m, kdim), f32(m, 1), fp8(n, kdim), f32(n), bf16(n), torch.bfloat16)
 
 
-# (module in kernels/, label, shapes, call(kernel module, shape)): every launch dispatch makes at W1.
+# (module in wam_fast/kernels/, label, shapes, call(kernel module, shape)): every launch dispatch makes at W1.
 LAUNCHES: List[Tuple[str, str, Sequence, Callable]] = [
     ("adaln_modulate", "bf16 out", SEQS, lambda k, s: _adaln(k, s, False)),
     ("adaln_modulate", "fp8 out", SEQS, lambda k, s: _adaln(k, s, True)),

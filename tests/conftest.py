@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 # custom ops in it: a graph compiled before an op changed its output strides would be reused and fail.
 # Tests get a cache of their own per version of the ops' sources (warm across runs of the same code).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OPS = sorted(glob.glob(os.path.join(_ROOT, "wam_fast", "ops", "*.py")) + glob.glob(os.path.join(_ROOT, "kernels", "*.py")))
+_OPS = sorted(glob.glob(os.path.join(_ROOT, "wam_fast", "ops", "*.py"))
+              + glob.glob(os.path.join(_ROOT, "wam_fast", "kernels", "*.py")))
 _DIGEST = hashlib.sha256(b"".join(open(p, "rb").read() for p in _OPS)).hexdigest()[:16]
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"wam_fast_inductor_{_DIGEST}"))
 

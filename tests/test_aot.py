@@ -1,4 +1,4 @@
-"""Arch-aware tile choice (kernels/gpu_arch.py and the launchers' tables) and benchmarks/aot_check.py:
+"""Arch-aware tile choice (wam_fast/kernels/gpu_arch.py and the launchers' tables) and benchmarks/aot_check.py:
 W1 configs fit each arch's shared memory and fill its SMs; a real ahead-of-time compile is parsed into
 registers / spills / shared memory; a config over the shared-memory limit fails the check."""
 import importlib.util

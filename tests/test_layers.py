@@ -1,7 +1,7 @@
 """The package's layers point one way (docs/design.md, Layers).
 
-Every ``import`` and ``from ... import`` of every module in wam_fast/ and kernels/ (installed as
-wam_fast.kernels) is read from its source, at module top and inside functions alike, and checked:
+Every ``import`` and ``from ... import`` of every module in wam_fast/ (the Triton kernels in
+wam_fast.kernels included) is read from its source, at module top and inside functions alike, and checked:
 - it does not point up the stack (LAYERS, bottom to top);
 - no two modules import each other, directly or through a chain;
 - it does not import another module's private (``_name``) names.
@@ -45,9 +45,9 @@ class Import(NamedTuple):
 
 
 def module_files(root: str) -> Dict[str, str]:
-    """Module name -> file for wam_fast/ and kernels/ (as wam_fast.kernels) under ``root``."""
+    """Module name -> file for wam_fast/ under ``root``."""
     out = {}
-    for folder, package in (("wam_fast", "wam_fast"), ("kernels", "wam_fast.kernels")):
+    for folder, package in (("wam_fast", "wam_fast"),):
         base = os.path.join(root, folder)
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
@@ -247,9 +247,9 @@ CLEAN = {
     "wam_fast/models/__init__.py": "",
     "wam_fast/models/model.py": "from wam_fast import ops, __version__\nclass Model: pass\n",
     "wam_fast/policy.py": "import wam_fast\ndef make(): return wam_fast.Model()\n",
-    "kernels/__init__.py": "",
-    "kernels/add.py": "from .row import row\n",
-    "kernels/row.py": "def row(): pass\n",
+    "wam_fast/kernels/__init__.py": "",
+    "wam_fast/kernels/add.py": "from .row import row\n",
+    "wam_fast/kernels/row.py": "def row(): pass\n",
 }
 
 
@@ -279,7 +279,7 @@ def test_checker_sees_through_the_lazy_api(tmp_path):
 
 
 def test_checker_finds_a_kernel_importing_wam_fast(tmp_path):
-    found = _tree(tmp_path, {**CLEAN, "kernels/row.py": "from wam_fast.utils.checks import check\n"})
+    found = _tree(tmp_path, {**CLEAN, "wam_fast/kernels/row.py": "from wam_fast.utils.checks import check\n"})
     assert upward(found) == ["wam_fast.kernels.row:1 imports wam_fast.utils.checks (kernels -> utils, above it)"]
 
 
@@ -307,7 +307,7 @@ def _source_files(*folders, suffixes=(".py",)):
 
 
 def test_no_library_file_is_over_600_lines():
-    long = {os.path.relpath(p, ROOT): n for p in _source_files("wam_fast", "kernels")
+    long = {os.path.relpath(p, ROOT): n for p in _source_files("wam_fast")
             if (n := sum(1 for _ in open(p, encoding="utf-8"))) > MAX_LINES}
     assert long == {}
 
@@ -318,7 +318,7 @@ def test_design_references_name_a_section_of_docs_design():
     sections = {line[3:].strip() for line in open(os.path.join(ROOT, "docs", "design.md"), encoding="utf-8")
                 if line.startswith("## ")}
     bad = []
-    files = list(_source_files("wam_fast", "kernels", "tests", "benchmarks", "csrc",
+    files = list(_source_files("wam_fast", "tests", "benchmarks", "csrc",
                                suffixes=(".py", ".cu", ".h", ".cuh", ".cpp", ".md", ".sh")))
     files = [p for p in files if os.path.basename(p) != "test_layers.py"] + [os.path.join(ROOT, "README.md")]
     for path in files:

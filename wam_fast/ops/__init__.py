@@ -1,14 +1,14 @@
 """Fused ops (docs/design.md, Ops), one name each across kernel, dispatch, test and benchmark:
 
-    op                     Triton kernel               dispatch + custom op          CUDA (csrc/)
-    adaln_modulate         kernels/adaln_modulate.py   wam_fast/ops/adaln_modulate.py   adaln_modulate.cu
-    gated_residual_adaln   kernels/gated_residual_adaln.py  ...                      gated_residual_adaln.cu
-    gated_residual         kernels/gated_residual.py   ...                           -
-    qk_norm_rope           kernels/qk_norm_rope.py     ...                           qk_norm_rope.cu
-    attention              kernels/attention.py        ...                           -
-    ffn_gelu               kernels/ffn_gelu.py         ...                           -
-    fp8_linear             kernels/fp8_linear.py       ...                           - (torch._scaled_mm)
-    quantize_rowwise       kernels/quantize_rowwise.py ...                           -
+    op                     Triton kernel (wam_fast/kernels/)  dispatch + custom op (wam_fast/ops/)  CUDA (csrc/)
+    adaln_modulate         adaln_modulate.py                  adaln_modulate.py                     adaln_modulate.cu
+    gated_residual_adaln   gated_residual_adaln.py            ...                                   gated_residual_adaln.cu
+    gated_residual         gated_residual.py                  ...                                   -
+    qk_norm_rope           qk_norm_rope.py                    ...                                   qk_norm_rope.cu
+    attention              attention.py                       ...                                   -
+    ffn_gelu               ffn_gelu.py                        ...                                   -
+    fp8_linear             fp8_linear.py                      ...                                   - (torch._scaled_mm)
+    quantize_rowwise       quantize_rowwise.py                ...                                   -
 
 Tests: tests/test_<name>.py; benchmarks: benchmarks/bench_<name>.py; the float32 references are in
 wam_fast/ops/reference.py (the reference model calls them too). ``wam_fast.ops.<name>`` is the function; the module holding it and

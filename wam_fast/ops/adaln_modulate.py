@@ -23,7 +23,7 @@ from wam_fast.ops.registry import OpBackends, cuda_extension, device_reasons, ke
 
 OP = "adaln_modulate"
 MAX_CUDA_SEGMENTS = 8  # WAM_MAX_SEGMENTS in csrc/adaln_modulate.h
-MAX_TRITON_D = 16384   # kernels/adaln_modulate.py MAX_D: a row lives in one program's registers
+MAX_TRITON_D = 16384   # wam_fast/kernels/adaln_modulate.py MAX_D: a row lives in one program's registers
 
 
 # ---- shared by adaln_modulate and gated_residual_adaln ------------------------------------------

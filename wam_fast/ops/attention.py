@@ -39,7 +39,7 @@ SEGMENT_DTYPES = (torch.int32, torch.int64)
 
 
 def _kernel_module():
-    """The Triton launcher module kernels/attention.py (imports triton: loaded on first use)."""
+    """The Triton launcher module wam_fast/kernels/attention.py (imports triton: loaded on first use)."""
     return kernel_module("attention")
 
 
@@ -52,7 +52,7 @@ def head_dim_reason(hd: int) -> Optional[str]:
 
 def output_empty(q: torch.Tensor, nq: int) -> torch.Tensor:
     """The op's output buffer: (B, H, Nq, hd) in q's dtype, laid out (B, Nq, H, hd) (the layout of
-    kernels/attention.py's ``bnhd_empty``); empty_strided, not a transposed view, so it has no _base."""
+    wam_fast/kernels/attention.py's ``bnhd_empty``); empty_strided, not a transposed view, so it has no _base."""
     b, h, _, hd = q.shape
     return torch.empty_strided((b, h, nq, hd), (nq * h * hd, hd, h * hd, 1), dtype=q.dtype, device=q.device)
 

@@ -20,7 +20,7 @@ BACKENDS = OpBackends(OP)
 
 
 def _kernel_module():
-    """The Triton launcher module kernels/ffn_gelu.py (imports triton: loaded on first use)."""
+    """The Triton launcher module wam_fast/kernels/ffn_gelu.py (imports triton: loaded on first use)."""
     return kernel_module("ffn_gelu")
 
 

@@ -8,7 +8,7 @@ and ``gated_residual_adaln(..., fp8=True)`` make it), or a single element (stati
 weight_scale is float32 (Nout,) or (Nout, 1), one per output channel; bias (Nout,) or None.
 
 Backends, in the registry's order:
-- triton: ``kernels/fp8_linear.py``, FP8 tensor cores with the dequantization and bias in the
+- triton: ``wam_fast/kernels/fp8_linear.py``, FP8 tensor cores with the dequantization and bias in the
   epilogue; any M, N, K (masked tails).
 - torch: ``torch._scaled_mm`` (cuBLASLt on a GPU, also on CPU): row-wise scales on CPU and on
   sm_90+ with a bf16 output; elsewhere on sm_89+ a unit-scale FP8 GEMM to fp32 and the scales and

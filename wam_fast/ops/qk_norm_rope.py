@@ -82,9 +82,9 @@ def _cuda_run(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, rope_start, ro
     return q_res, _copy_into(k_res, k_out, v, v_out)
 
 
-# ---- triton: kernels/qk_norm_rope.py ---------------------------------------------------------------
+# ---- triton: wam_fast/kernels/qk_norm_rope.py ---------------------------------------------------------------
 def triton_kernels():
-    """The Triton launcher module kernels/qk_norm_rope.py (imports triton: loaded on first use)."""
+    """The Triton launcher module wam_fast/kernels/qk_norm_rope.py (imports triton: loaded on first use)."""
     return kernel_module("qk_norm_rope")
 
 

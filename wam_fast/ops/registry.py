@@ -18,7 +18,6 @@ import functools
 import importlib.util
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -92,27 +91,8 @@ def device_reasons(backend: str, *tensors) -> List[str]:
 
 
 def kernel_module(name: str):
-    """The Triton launcher module kernels/<name>.py, imported on first use (it imports triton).
-
-    Installed, it is ``wam_fast.kernels.<name>`` (setup.py maps kernels/ there). In a source checkout
-    that is not installed, the repository's kernels/ directory is registered as ``wam_fast.kernels``.
-    """
-    full = f"wam_fast.kernels.{name}"
-    try:
-        return importlib.import_module(full)
-    except ModuleNotFoundError as exc:
-        if exc.name != "wam_fast.kernels":
-            raise
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "kernels")
-    init = os.path.join(root, "__init__.py")
-    if not os.path.exists(init):
-        raise ModuleNotFoundError(f"Triton kernels not found: wam_fast.kernels is not installed and there is "
-                                  f"no {init}; reinstall with pip install -e .", name="wam_fast.kernels")
-    spec = importlib.util.spec_from_file_location("wam_fast.kernels", init, submodule_search_locations=[root])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["wam_fast.kernels"] = package
-    spec.loader.exec_module(package)
-    return importlib.import_module(full)
+    """The Triton launcher module wam_fast/kernels/<name>.py, imported on first use (it imports triton)."""
+    return importlib.import_module(f"wam_fast.kernels.{name}")
 
 
 _MACHINE_REASON = {"cuda": cuda_extension_reason, "triton": triton_reason, "torch": lambda: None}

@@ -118,7 +118,7 @@ class Config(NamedTuple):
     num_stages: int = 3
 
 
-# Tables per GPU family (kernels/gpu_arch.py); the 16-bit tiles are listed largest first and
+# Tables per GPU family (wam_fast/kernels/gpu_arch.py); the 16-bit tiles are listed largest first and
 # pick_config takes the first whose grid keeps >= 80% of the SMs busy (gpu_arch.pick_by_waves).
 # DESIGNED from shared-memory and wave arithmetic, not yet measured (benchmarks/aot_check.py checks
 # that each compiles without spills). Shared memory = buffers x (BLOCK_M + BLOCK_N) x BLOCK_K x itemsize;

@@ -8,7 +8,7 @@ multiplies the row and column scales, adds the bias in fp32 and casts to the out
 activations are never dequantized in memory.
 
 W is read through strides as (BLOCK_K, BLOCK_N) tiles of W^T, which are K-contiguous: the K-major
-operand layout FP8 wgmma wants on Hopper. Tails as in ``kernels/ffn_gelu.py``: rows/columns past M/N
+operand layout FP8 wgmma wants on Hopper. Tails as in ``wam_fast/kernels/ffn_gelu.py``: rows/columns past M/N
 are clamped for the loads and masked at the store, a K that is not a multiple of BLOCK_K is masked,
 so any M, N, K works (no padding to 16). On sm_90 Triton's FP8 dot keeps the tensor cores' fast
 (reduced-precision) accumulation across K, like torch._scaled_mm(use_fast_accum=True): ~1e-4..1e-3
@@ -99,7 +99,7 @@ class Config(NamedTuple):
     num_stages: int = 4
 
 
-# Tables per GPU family (kernels/gpu_arch.py), largest tile first; pick_config takes the first whose
+# Tables per GPU family (wam_fast/kernels/gpu_arch.py), largest tile first; pick_config takes the first whose
 # grid keeps >= 80% of the SMs busy (gpu_arch.pick_by_waves). DESIGNED from shared-memory and wave
 # arithmetic, not yet measured (benchmarks/aot_check.py checks that each compiles without spills).
 # Shared memory = buffers x (BLOCK_M + BLOCK_N) x BLOCK_K bytes (1-byte operands); Triton keeps
