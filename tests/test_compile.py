@@ -397,6 +397,27 @@ def test_head_dim_48_attention_is_swapped():
         assert rel_err(model(x), reference(x)) <= REL
 
 
+def test_fallback_bookkeeping_never_recompiles():
+    """The fallback counter (ops.registry) must not become a dynamo guard: 20 compiled calls that fall back
+    (need_weights=True, then an attn_mask) compile each variant once and are all counted."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    swapped = compiler.retype(nn.MultiheadAttention(64, 4, batch_first=True).eval(), compiler.MultiheadAttention)
+    mask = torch.ones(10, 10, dtype=torch.bool).triu(1)
+    weights = torch.compile(lambda x: swapped(x, x, x)[0], backend="eager")
+    masked = torch.compile(lambda x: swapped(x, x, x, attn_mask=mask, need_weights=False)[0], backend="eager")
+    before = sum(f["count"] for f in wam_fast.ops.fallbacks() if "original" in f["backend"])
+    graphs = []
+    with torch.no_grad():
+        for i in range(20):
+            (weights if i % 2 else masked)(torch.randn(2, 10, 64))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[1], graphs  # compiled on the first call of each, never again
+    assert sum(f["count"] for f in wam_fast.ops.fallbacks() if "original" in f["backend"]) == before + 20
+
+
 def test_runtime_fallbacks_are_reported():
     model, reference, inputs = pipeline(need_weights=True)
     wam_fast.compile(model, EAGER, example_inputs=inputs)
