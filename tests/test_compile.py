@@ -418,6 +418,23 @@ def test_fallback_bookkeeping_never_recompiles():
     assert sum(f["count"] for f in wam_fast.ops.fallbacks() if "original" in f["backend"]) == before + 20
 
 
+@pytest.mark.parametrize("with_examples", [True, False])
+def test_attention_bypassed_by_a_fast_path_is_not_reported_as_applied(with_examples):
+    """nn.TransformerEncoderLayer in eval mode runs its fused fast path and never calls its self_attn: the
+    swap is put back (probed on example inputs) or not made (without them), and the report says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True), Heads48()).eval()
+    model[1] = Heads48()
+    model[1].attn = nn.MultiheadAttention(64, 2, batch_first=True)  # head_dim 32; called by its own forward
+    x = torch.randn(2, 12, 64)
+    wam_fast.compile(model, EAGER, example_inputs=(x,) if with_examples else None)
+    report = compile_report(model)
+    assert type(model[0].self_attn) is nn.MultiheadAttention and not report.applied_to("0.self_attn")
+    why = " ".join(report.skipped_at("0.self_attn"))
+    assert ("bypassed, put back" in why and "TransformerEncoderLayer" in why) if with_examples else "fast path" in why
+    assert type(model[1].attn) is compiler.MultiheadAttention and report.applied_to("1.attn")
+
+
 def test_runtime_fallbacks_are_reported():
     model, reference, inputs = pipeline(need_weights=True)
     wam_fast.compile(model, EAGER, example_inputs=inputs)

@@ -108,9 +108,15 @@ def compile_module(model: nn.Module, config: CompileConfig, filter_fn, report: C
     # attention modules
     if config.fused:
         targets = []
+        fast_path_children = {(f"{name}." if name else "") + child for name, m in model.named_modules()
+                            if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+                            for child, _ in m.named_children()}
         for name, module in model.named_modules():
             if type(module) is nn.MultiheadAttention and name:
                 why = _mha_static_reasons(module) if session.accepts(module, name) else ["excluded by filter_fn"]
+                if name in fast_path_children and example_inputs is None:
+                    why.append("inside an nn.Transformer*Layer, whose eval fast path may never call it (pass "
+                               "example_inputs so the compile can probe which modules run)")
                 if why:
                     report.skip(name, f"nn.MultiheadAttention left as is: {'; '.join(why)}")
                 else:

@@ -16,7 +16,7 @@ from wam_fast.compiler.report import CompileReport
 from wam_fast.ops.registry import fallbacks
 from wam_fast.quant import FP8Linear, fp8_layers, quantize_fp8, sqnr_db
 from wam_fast.utils import optional
-from wam_fast.utils.modules import ModuleSwaps, call_module
+from wam_fast.utils.modules import ModuleSwaps, call_module, set_submodule
 
 
 def module_device(model: nn.Module) -> torch.device:
@@ -141,12 +141,48 @@ class Session:
         def run():
             swaps = ModuleSwaps(self.model)
             apply()
-            changed = swaps.changed()
+            changed = self._drop_bypassed(name, swaps.changed())
             for where, old, new in changed:
                 self.report.apply(where, describe(where, old, new) if describe else
                                   f"{type(old).__name__} -> {type(new).__name__}")
             return swaps.undo if changed else None
         return self.lever(name, metric, run)
+
+    def _drop_bypassed(self, lever: str, changed):
+        """Swapped modules the example forward never calls (e.g. the attention of an
+        nn.TransformerEncoderLayer, whose eval fast path calls a fused kernel instead) are put back and
+        reported as bypassed: the report lists only what runs. Without example inputs nothing is probed."""
+        if self.example is None or not changed:
+            return changed
+        called = set()
+
+        def counting(where, forward):
+            def run(*args, **kwargs):
+                called.add(where)
+                return forward(*args, **kwargs)
+            return run
+
+        # an instance-level forward, not a hook: a hook would itself turn such a fast path off
+        for where, _, new in changed:
+            new.forward = counting(where, new.forward)
+        try:
+            self.forward()
+        except Exception:  # the lever's own check reports and reverts a forward that raises
+            return changed
+        finally:
+            for _, _, new in changed:
+                del new.forward
+        kept = []
+        for where, old, new in changed:
+            if where in called:
+                kept.append((where, old, new))
+                continue
+            set_submodule(self.model, where, old)
+            parent = self.model.get_submodule(where.rpartition(".")[0]) if "." in where else self.model
+            self.report.skip(where, f"{lever}: bypassed, put back: the example forward never calls it (its "
+                                    f"parent {type(parent).__name__} runs a path of its own, e.g. a fused "
+                                    f"fast path in eval mode)")
+        return kept
 
     def linear_rows(self) -> Dict[str, int]:
         """name -> rows (tokens) each nn.Linear multiplies on the example inputs (most over its calls);

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
+
 from wam_fast.utils import optional
 
 logger = logging.getLogger("wam_fast.ops")
@@ -160,6 +162,7 @@ class OpBackends:
         return rows
 
 
+@torch.compiler.disable  # traced, the count would be a dynamo guard: every compiled call would recompile
 def note_fallback(op: str, backend: str, skipped: List[str]) -> None:
     """Log a fallback once per (op, backend, reasons) and count it (``fallbacks()``)."""
     key = (op, backend, tuple(skipped))
