@@ -435,6 +435,33 @@ def test_attention_bypassed_by_a_fast_path_is_not_reported_as_applied(with_examp
     assert type(model[1].attn) is compiler.MultiheadAttention and report.applied_to("1.attn")
 
 
+class ReadsWeight(nn.Module):
+    """Code that reads linear.weight directly (an FP8 weight would break it at run time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return F.linear(x, self.proj.weight * 0.5, self.proj.bias)
+
+
+def test_generic_fp8_without_example_inputs_is_refused(caplog):
+    model = ReadsWeight().eval()
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 64)
+    want = model(x)
+    with caplog.at_level("WARNING"):
+        wam_fast.compile(model, CompileConfig(backend="eager", fp8=True))
+    assert not fp8_layers(model) and "example_inputs" in " ".join(compile_report(model).skipped_at("fp8"))
+    assert any("FP8 not applied" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(model(x), want)  # runs, unchanged
+    model = copy.deepcopy(reference)
+    wam_fast.compile(model, CompileConfig(backend="eager", fp8=True), example_inputs=(x,))  # checked: reverted
+    assert not fp8_layers(model) and "reverted" in " ".join(compile_report(model).skipped_at("fp8"))
+    torch.testing.assert_close(model(x), want)
+
+
 def test_runtime_fallbacks_are_reported():
     model, reference, inputs = pipeline(need_weights=True)
     wam_fast.compile(model, EAGER, example_inputs=inputs)
