@@ -115,11 +115,12 @@ class WAMPipeline:
                             f"got {type(images).__name__}")
         if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
             raise TypeError(f"images must be uint8 (or float in [0, 255]), got dtype {images.dtype}")
+        given = tuple(images.shape)
         if images.dim() == 3:
             images = images[None]
         h, w, _ = self.image_shape
         if images.dim() != 4 or tuple(images.shape[1:]) != (h, w, 3):
-            raise ValueError(f"images must have shape ({h}, {w}, 3) or (N_cams, {h}, {w}, 3), got {tuple(images.shape)}")
+            raise ValueError(f"images must have shape ({h}, {w}, 3) or (N_cams, {h}, {w}, 3), got {given}")
         if images.shape[0] != 1:
             raise ValueError(f"this pipeline takes at most 1 camera (max_cameras 1), got {images.shape[0]} cameras")
         if images.dtype.is_floating_point:
