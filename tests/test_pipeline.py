@@ -286,6 +286,21 @@ def test_video_decode_is_optional(pipe):
     assert decoding.last_video.dtype == np.uint8 and decoding.last_video.shape[-3:] == (32, 32, 3)
 
 
+def test_a_batch_of_episodes(pipe):
+    images = np.stack([frame(1), frame(2)])
+    batched = pipe.new_session(seed=0)
+    first = batched.act_batch(images, INSTRUCTION)
+    assert first.shape == (2, 4, 7) and batched.policy.batch == 2
+    second = batched.act_batch(images[::-1].copy(), INSTRUCTION)
+    assert second.shape == (2, 4, 7) and batched.policy.step == 2
+    with pytest.raises(ValueError, match="episode runs 2 rows, got a batch of 3"):
+        batched.act_batch(np.stack([frame(1)] * 3), INSTRUCTION)
+    with pytest.raises(ValueError, match=r"\(B, 32, 32, 3\), got \(32, 32, 3\)"):
+        batched.act_batch(frame(1), INSTRUCTION)
+    batched.reset()
+    assert batched.act_batch(np.stack([frame(1)] * 3), INSTRUCTION).shape == (3, 4, 7)  # reset: a new batch size
+
+
 def test_import_works_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None; sys.modules['diffusers'] = None\n"
             "import wam_fast, wam_fast.pipeline\n"

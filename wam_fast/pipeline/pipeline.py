@@ -42,12 +42,14 @@ class WAMPipeline:
     frame_encoder  a ``wam_fast.pipeline.encoders.FrameEncoder`` whose latent_shape is the model's
     text_encoder   ``T5TextEncoder`` or ``FixedTextEncoder`` (its dim must be the model's text_dim)
     normalization  None (identity) or {"mean": [A], "std": [A]}: actions = model actions * std + mean
-    steps, sampler the policy's options (None: the model's own defaults)
+    steps, sampler, cache, cfg_scale   the WAMPolicy's options (None: the model's own defaults; cache None:
+                   on for a temporal-mask model)
     decode_video   also decode the predicted video latents each call (``session.last_video``); off by default
     """
 
     def __init__(self, model, frame_encoder: FrameEncoder, text_encoder, normalization: Optional[dict] = None,
-                 *, steps: Optional[int] = None, sampler: Optional[str] = None, decode_video: bool = False):
+                 *, steps: Optional[int] = None, sampler: Optional[str] = None, cache: Optional[bool] = None,
+                 cfg_scale: Optional[float] = None, decode_video: bool = False):
         config = model.config
         if not isinstance(frame_encoder, FrameEncoder):
             raise TypeError(f"frame_encoder must be a wam_fast.pipeline FrameEncoder, got {type(frame_encoder).__name__}")
@@ -64,6 +66,9 @@ class WAMPipeline:
         self.frame_encoder, self.text_encoder = frame_encoder, text_encoder
         self.normalization = self.check_normalization(normalization)
         self.steps, self.sampler, self.decode_video = steps, sampler, bool(decode_video)
+        self.cache = config.mask == "temporal" if cache is None else bool(cache)
+        self.cfg_scale = cfg_scale
+        self.make_policy(seed=0)  # options checked now, not at the first session
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.text_cache: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
@@ -104,8 +109,9 @@ class WAMPipeline:
                 self.text_cache.popitem(last=False)
         return text
 
-    def check_images(self, images) -> torch.Tensor:
-        """uint8 (H, W, 3) / (N_cams, H, W, 3) numpy or torch (or float in [0, 255]) -> (1, H, W, 3) tensor."""
+    def check_images(self, images, batch: bool = False) -> torch.Tensor:
+        """uint8 (or float in [0, 255]) numpy / torch images -> a (B, H, W, 3) tensor. One observation
+        (``batch`` False): (H, W, 3) or (N_cams, H, W, 3), N_cams <= 1; a batch: (B, H, W, 3), one per row."""
         if isinstance(images, np.ndarray):
             if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
                 raise TypeError(f"images must be uint8 (or float in [0, 255]), got dtype {images.dtype}")
@@ -116,13 +122,17 @@ class WAMPipeline:
         if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
             raise TypeError(f"images must be uint8 (or float in [0, 255]), got dtype {images.dtype}")
         given = tuple(images.shape)
-        if images.dim() == 3:
-            images = images[None]
         h, w, _ = self.image_shape
-        if images.dim() != 4 or tuple(images.shape[1:]) != (h, w, 3):
-            raise ValueError(f"images must have shape ({h}, {w}, 3) or (N_cams, {h}, {w}, 3), got {given}")
-        if images.shape[0] != 1:
-            raise ValueError(f"this pipeline takes at most 1 camera (max_cameras 1), got {images.shape[0]} cameras")
+        if batch:
+            if images.dim() != 4 or tuple(images.shape[1:]) != (h, w, 3) or not len(images):
+                raise ValueError(f"a batch of images must have shape (B, {h}, {w}, 3), got {given}")
+        else:
+            if images.dim() == 3:
+                images = images[None]
+            if images.dim() != 4 or tuple(images.shape[1:]) != (h, w, 3):
+                raise ValueError(f"images must have shape ({h}, {w}, 3) or (N_cams, {h}, {w}, 3), got {given}")
+            if images.shape[0] != 1:
+                raise ValueError(f"this pipeline takes at most 1 camera (max_cameras 1), got {images.shape[0]} cameras")
         if images.dtype.is_floating_point:
             if not torch.isfinite(images).all():
                 raise ValueError("images hold non-finite values (NaN or inf)")
@@ -146,8 +156,8 @@ class WAMPipeline:
         return actions * self.normalization["std"].to(actions.device) + self.normalization["mean"].to(actions.device)
 
     def make_policy(self, seed: Optional[int] = None) -> WAMPolicy:
-        return WAMPolicy(self.model, steps=self.steps, sampler=self.sampler, cache=self.config.mask == "temporal",
-                         seed=seed)
+        return WAMPolicy(self.model, steps=self.steps, sampler=self.sampler, cache=self.cache, seed=seed,
+                         cfg_scale=self.cfg_scale)
 
     # ---- the robot-facing API --------------------------------------------------------------------------
     def new_session(self, seed: Optional[int] = None) -> "PipelineSession":
@@ -205,11 +215,24 @@ class PipelineSession:
 
     def __call__(self, images, instruction: str, state=None) -> np.ndarray:
         """One action chunk (K, A) float32 in robot units for the current frame and instruction."""
-        pipe = self.pipeline
         if state is not None:
             raise ValueError("this pipeline takes no proprioceptive state (metadata 'state': False); got a state")
         check_instruction(instruction)
-        images = pipe.check_images(images)
+        return self.run(self.pipeline.check_images(images), instruction)[0]
+
+    def act_batch(self, images, instruction: str) -> np.ndarray:
+        """B observations of B episodes run as one batch (the Meta-World harness): images (B, H, W, 3)
+        -> actions (B, K, A). Every row follows ``instruction``; B is fixed within an episode."""
+        check_instruction(instruction)
+        images = self.pipeline.check_images(images, batch=True)
+        if instruction == self.instruction and len(images) != self.policy.batch:
+            raise ValueError(f"the episode runs {self.policy.batch} rows, got a batch of {len(images)} images "
+                             f"(reset() first to change it)")
+        return self.run(images, instruction)
+
+    def run(self, images: torch.Tensor, instruction: str) -> np.ndarray:
+        """Checked images (B, H, W, 3) -> actions (B, K, A): text, frame encode, one policy chunk, readout."""
+        pipe = self.pipeline
         with self.lock:
             start = time.perf_counter()
             text = pipe.text_embedding(instruction)
@@ -217,13 +240,13 @@ class PipelineSession:
             latents = pipe.encode_images(images)
             encode_done = time.perf_counter()
             if instruction != self.instruction:  # a new instruction: a new episode
-                self.policy.reset(text)
+                self.policy.reset(text.expand(len(images), -1, -1).contiguous())
                 self.instruction = instruction
             chunk = self.policy.act(latents)
-            actions = pipe.denormalize(chunk.actions.float())[0].cpu().numpy().astype(np.float32)
+            actions = pipe.denormalize(chunk.actions.float()).cpu().numpy().astype(np.float32)
             done = time.perf_counter()
             if pipe.decode_video:
-                self.last_video = pipe.frame_encoder.decode(chunk.video)[0]
+                self.last_video = pipe.frame_encoder.decode(chunk.video)
             self.last_timing = {"text_ms": (text_done - start) * 1e3, "encode_ms": (encode_done - text_done) * 1e3,
                                 "policy_ms": (done - encode_done) * 1e3, "total_ms": (done - start) * 1e3}
         return actions

@@ -53,6 +53,7 @@ def save(pipe, directory) -> Path:
             "format": FORMAT, "image_size": list(encoder.image_size),
             "frame_encoder": {"name": encoder.name, "module": encoder.module},
             "text_encoder": {"kind": pipe.text_encoder.kind}, "steps": pipe.steps, "sampler": pipe.sampler,
+            "cache": pipe.cache, "cfg_scale": pipe.cfg_scale,
             "decode_video": pipe.decode_video})
         pickles = [str(p) for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
         if pickles:
@@ -119,4 +120,4 @@ def load(cls, directory, device=None, dtype=None):
         normalization = load_part("normalization.json", directory / "normalization.json",
                                   lambda: json.loads((directory / "normalization.json").read_text()))
     return cls(model, encoder, text, normalization, steps=meta.get("steps"), sampler=meta.get("sampler"),
-               decode_video=bool(meta.get("decode_video", False)))
+               cache=meta.get("cache"), cfg_scale=meta.get("cfg_scale"), decode_video=bool(meta.get("decode_video", False)))
