@@ -503,15 +503,15 @@ def test_conv_baseline_learns_where_a_small_object_is(tmp_path):
 def test_first_action_spread_tells_a_reading_policy_from_a_constant_one():
     from wam_fast.eval import diagnose
 
-    constant = diagnose.first_action_spread(lambda latent: np.zeros(4), "push-v3", layouts=6)
+    constant = diagnose.first_action_spread(lambda images: np.zeros(4), "push-v3", layouts=6)
     assert constant["layouts"] == 6 and constant["spread_xy"] == [0.0, 0.0]
     assert constant["correlation_xy"] == [None, None] and min(constant["expert_spread_xy"]) > 0.05
 
     first = []
 
-    def reads_the_image(latent):  # how far this layout's first frame is from the first layout's
-        first.append(latent) if not first else None
-        change = float((latent - first[0]).abs().mean()) * 100
+    def reads_the_image(images):  # how far this layout's first frame (uint8) is from the first layout's
+        first.append(images) if not first else None
+        change = float(np.abs(images.astype(np.float32) - first[0].astype(np.float32)).mean()) / 127.5 * 100
         return np.array([change, -change, 0.0, 0.0])
 
     reading = diagnose.first_action_spread(reads_the_image, "push-v3", layouts=6)

@@ -130,7 +130,8 @@ def test_sessions_are_independent(pipe):
 def test_actions_are_denormalized(pipe):
     mean, std = np.arange(7, dtype=np.float32), np.linspace(0.5, 2.0, 7, dtype=np.float32)
     raw = like(pipe).new_session(seed=4)(frame(), INSTRUCTION)
-    robot = like(pipe, normalization={"mean": mean.tolist(), "std": std.tolist()}).new_session(seed=4)(frame(), INSTRUCTION)
+    normalized = like(pipe, normalization={"mean": mean.tolist(), "std": std.tolist()})
+    robot = normalized.new_session(seed=4)(frame(), INSTRUCTION)
     np.testing.assert_allclose(robot, raw * std + mean, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="7 finite numbers"):
         like(pipe, normalization={"mean": [0.0] * 3, "std": [1.0] * 3})

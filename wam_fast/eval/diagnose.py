@@ -34,7 +34,6 @@ import wam_fast
 from wam_fast.utils.files import atomic_write
 from wam_fast.distill import objectives
 from wam_fast.distill.data import LatentDataset
-from wam_fast.eval import autoencoder as frame_autoencoder
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import environment
 from wam_fast.eval.pipeline_policy import build_pipeline
@@ -42,7 +41,7 @@ from wam_fast.eval.rollout import run_episodes, wilson_interval
 from wam_fast.eval.settings import Settings, model_config
 
 
-def first_action_spread(act_first: Callable[[torch.Tensor], np.ndarray], task: str, *, layouts: int = 50,
+def first_action_spread(act_first: Callable[[np.ndarray], np.ndarray], task: str, *, layouts: int = 50,
                         camera: str = mw.CAMERA) -> dict:
     """``act_first``: a uint8 RGB frame (1, 64, 64, 3) -> the policy's first action (4,), same noise each call.
     Returns the x-y spread of the policy's and the expert's first actions over the held-out layouts, and
@@ -167,8 +166,8 @@ def conv_bc_baseline(task: str, demos: Path, *, steps: int = 3000, episodes: int
                           text=torch.zeros(1, 1, 1), camera=camera)
     wins = sum(result.success)
     with torch.no_grad():
-        spread = first_action_spread(lambda latent: net(latent[:, 0])[0, 0].numpy(), task, layouts=layouts,
-                                     camera=camera)
+        spread = first_action_spread(lambda images: net(mw.image_to_latent(images))[0, 0].numpy(), task,
+                                     layouts=layouts, camera=camera)
     return {"steps": steps, "final_loss": loss, "train_s": round(train_s, 1), "episodes": episodes,
             "successes": wins, "success": wins / episodes, "ci95": list(wilson_interval(wins, episodes)),
             "first_action": spread}

@@ -89,8 +89,9 @@ class PipelinePolicy:
         expected = self.pipeline.text_embedding(self.task)
         if not isinstance(text, torch.Tensor) or text.dim() != 3 or \
                 not torch.equal(text.to(expected.dtype), expected.expand_as(text)):
-            raise ValueError(f"PipelinePolicy for {self.task!r} runs its task's instruction embedding; got another text "
-                             f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
+            got = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"PipelinePolicy for {self.task!r} runs its task's instruction embedding "
+                             f"(text_len, text_dim) on every row; got another text {got}")
         self.session.reset()
 
     def act(self, images) -> SimpleNamespace:

@@ -52,11 +52,13 @@ class WAMPipeline:
                  cfg_scale: Optional[float] = None, decode_video: bool = False):
         config = model.config
         if not isinstance(frame_encoder, FrameEncoder):
-            raise TypeError(f"frame_encoder must be a wam_fast.pipeline FrameEncoder, got {type(frame_encoder).__name__}")
+            raise TypeError(f"frame_encoder must be a wam_fast.pipeline FrameEncoder, "
+                            f"got {type(frame_encoder).__name__}")
         expected = (config.latent_channels, config.latent_height, config.latent_width)
         if tuple(frame_encoder.latent_shape()) != expected:
-            raise ValueError(f"the frame encoder {frame_encoder.name!r} makes latents {tuple(frame_encoder.latent_shape())} "
-                             f"from {frame_encoder.image_size} images, the model reads (C, h, w) = {expected}")
+            raise ValueError(f"the frame encoder {frame_encoder.name!r} makes latents "
+                             f"{tuple(frame_encoder.latent_shape())} from {frame_encoder.image_size} images, "
+                             f"the model reads (C, h, w) = {expected}")
         if text_encoder.dim != config.text_dim:
             raise ValueError(f"the text encoder's output dim (d_model) {text_encoder.dim} is not the model's "
                              f"text_dim {config.text_dim}")
@@ -102,7 +104,8 @@ class WAMPipeline:
         text = self.text_encoder.encode(instruction).to(device=self.device, dtype=self.dtype)
         expected = (1, self.config.text_len, self.config.text_dim)
         if tuple(text.shape) != expected:
-            raise ValueError(f"the text encoder gave {tuple(text.shape)} for {instruction!r}, the model reads {expected}")
+            raise ValueError(f"the text encoder gave {tuple(text.shape)} for {instruction!r}, "
+                             f"the model reads {expected}")
         with self.text_lock:
             self.text_cache[instruction] = text
             while len(self.text_cache) > TEXT_CACHE_SIZE:
@@ -177,7 +180,8 @@ class WAMPipeline:
                 "model": {"name": c.name, "mask": c.mask, "distillation": c.distillation,
                           "sampler": policy_options.sampler, "steps": policy_options.steps,
                           "frame_encoder": self.frame_encoder.name, "text_encoder": self.text_encoder.kind,
-                          "dtype": str(self.dtype).removeprefix("torch."), "normalized_actions": self.normalization is not None}}
+                          "dtype": str(self.dtype).removeprefix("torch."),
+                          "normalized_actions": self.normalization is not None}}
 
     # ---- storage (wam_fast.pipeline.storage) ------------------------------------------------------------
     def save_pretrained(self, directory) -> None:

@@ -120,4 +120,5 @@ def load(cls, directory, device=None, dtype=None):
         normalization = load_part("normalization.json", directory / "normalization.json",
                                   lambda: json.loads((directory / "normalization.json").read_text()))
     return cls(model, encoder, text, normalization, steps=meta.get("steps"), sampler=meta.get("sampler"),
-               cache=meta.get("cache"), cfg_scale=meta.get("cfg_scale"), decode_video=bool(meta.get("decode_video", False)))
+               cache=meta.get("cache"), cfg_scale=meta.get("cfg_scale"),
+               decode_video=bool(meta.get("decode_video", False)))
