@@ -57,6 +57,9 @@ def test_cli_json_schema_and_rows(tiny_run):
         assert row["levers"][0] == "vae-encode" and row["pipeline"]["parts"].startswith("tiny")
         assert row["pipeline"]["image_shape"] == [16, 16, 3] and row["pipeline"]["text_encoder_ms"] > 0
         assert 0 < row["pipeline"]["encode_ms_median"] < row["latency_ms"] * 2
+    vae = data["vae_encoder_w1"]  # W1's frame: 32x32 latents, CogVideoX's 8x VAE (about 0.9 TFLOP, 92 M params)
+    assert vae["image_shape"] == [256, 256, 3] and 0.5 < vae["tflop"] < 1.5 and 50e6 < vae["params"] < 150e6
+    assert "W1 VAE encode of one frame" in result.stdout
     required = {"name", "steps", "fp8", "cache", "latency_ms", "p90_ms", "peak_mem_bytes", "times_ms", "op_backends",
                 "gpu_telemetry"}
     for r in data["rows"]:

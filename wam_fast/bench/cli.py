@@ -12,7 +12,7 @@ import torch
 
 from wam_fast import configs
 from wam_fast.utils.environment import environment, versions
-from wam_fast.bench.accounting import accounting, weight_accounting
+from wam_fast.bench.accounting import accounting, vae_encoder_cost, weight_accounting
 from wam_fast.bench.ceilings import FLOOR_NOTE, design_ceilings, measure_ceilings
 from wam_fast.bench.measure import add_speedups, measure, release_memory
 from wam_fast.bench.models import build_model, count_parameters, make_inputs, shortcut_student
@@ -220,7 +220,12 @@ def main(argv=None) -> dict:
     print(f"\nW1 weights (meta-device arithmetic): bf16 {weights['bf16'] / 1e9:.2f} GB, FP8 backbone linears "
           f"(quantize_fp8 default) {weights['fp8'] / 1e9:.2f} GB, FP8 with the AdaLN projections too "
           f"{weights['fp8_with_adaln'] / 1e9:.2f} GB")
-    result.update(accounting=costs, weights_w1=weights, gpu_telemetry=gpu_telemetry(device), complete=True)
+    vae = vae_encoder_cost()
+    print("W1 VAE encode of one frame (pixels -> actions rows): " + (
+        f"{vae['tflop']:.3f} TFLOP for a {vae['image_shape'][0]}x{vae['image_shape'][1]} frame, "
+        f"{vae['params'] / 1e6:.1f} M encoder parameters (meta-device count)" if "tflop" in vae else vae["skipped"]))
+    result.update(accounting=costs, weights_w1=weights, vae_encoder_w1=vae, gpu_telemetry=gpu_telemetry(device),
+                  complete=True)
     if args.json:
         write_json(args.json, result)
         print(f"\nwrote {args.json}")
