@@ -87,8 +87,9 @@ if __name__ == "__main__":
         ],
         extras_require={
             # diffusers: the CogVideoX equivalence test; metaworld: the smoke run of python -m wam_fast.eval
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "matplotlib", "metaworld", "packaging"],
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "transformers", "matplotlib", "metaworld", "packaging"],
             "diffusers": ["diffusers"],
+            "pipeline": ["transformers", "diffusers"],  # wam_fast.WAMPipeline: T5 text encoder, CogVideoX VAE
             "bench": ["matplotlib"],  # the PNG chart of python -m wam_fast.bench
             "sim": ["metaworld", "packaging", "matplotlib"],  # python -m wam_fast.eval (Meta-World)
             "flash": ["flash-attn"],

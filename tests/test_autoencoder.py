@@ -2,6 +2,7 @@
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,16 +95,26 @@ def test_encode_demos_keeps_every_sample_and_encodes_each_frame(trained):
     assert encoded.metadata["latent_space"]["kind"] == "autoencoder"
 
 
-def test_encoding_policy_hands_the_wam_encoded_frames(trained):
-    seen = []
-    inner = SimpleNamespace(sampler="euler", reset=lambda text: seen.append(("reset", text)),
-                            act=lambda latents: seen.append(("act", latents)) or "chunk")
-    policy = ae.EncodingPolicy(inner, trained.model)
-    pixels = _dots(2, seed=3)["image"]
-    policy.reset("text")
-    assert policy.act(pixels) == "chunk" and policy.sampler == "euler"
+def test_the_pipeline_encodes_frames_with_the_autoencoder(trained, tmp_path):
+    """The harness's pixels -> actions path: uint8 frames -> [-1, 1] pixels -> the frozen autoencoder's
+    normalised latents -> the WAM; saved and loaded as the registered frame encoder."""
+    import wam_fast
+    from wam_fast.eval import metaworld as mw
+    from wam_fast.eval.pipeline_policy import AutoencoderFrameEncoder
+    from wam_fast.pipeline import FixedTextEncoder, WAMPipeline
+
+    encoder = AutoencoderFrameEncoder(trained.model)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert encoder.latent_shape() == (8, 8, 8)
+    config = wam_fast.configs.get("tiny", mask="temporal", latent_channels=8, latent_height=8, latent_width=8,
+                                  text_len=4, text_dim=32, action_len=8, action_dim=4)
+    model = wam_fast.WAMTransformer(config).eval()
+    pipe = WAMPipeline(model, encoder, FixedTextEncoder({"push-v3": mw.instruction_embedding("push-v3", 4, 32)}))
     with torch.no_grad():
-        expected = trained.model.encode(pixels[:, 0])[:, None]
-    assert seen[0] == ("reset", "text") and torch.allclose(seen[1][1], expected)
-    with pytest.raises(ValueError, match=r"\(B, frames, 3, H, W\), got \(3, 64, 64\)"):
-        policy.act(pixels[0, 0])
+        assert torch.equal(pipe.encode_images(torch.from_numpy(images))[:, 0], trained.model.encode(pixels))
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = WAMPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(loaded.frame_encoder, AutoencoderFrameEncoder)
+    np.testing.assert_allclose(loaded.new_session(seed=0).act_batch(images, "push-v3"),
+                               pipe.new_session(seed=0).act_batch(images, "push-v3"), rtol=1e-5, atol=1e-5)

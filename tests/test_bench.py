@@ -48,9 +48,18 @@ def test_cli_json_schema_and_rows(tiny_run):
     assert {"torch", "python", "triton", "cuda", "commit"} <= set(data["versions"])
     rows = {r["name"]: r for r in data["rows"]}
     students = {f"wam_fast-{s}step-{p}-{c}" for s in (4, 2, 1) for p in ("fp32", "fp8") for c in ("cache", "nocache")}
-    assert set(rows) == set(bench.BASELINES) | students and len(data["rows"]) == 15
+    pixels = {f"pixels-to-actions-{s}step-fp32-cache" for s in (4, 2, 1)}  # next to the latent-only rows
+    assert set(rows) == set(bench.BASELINES) | students | pixels and len(data["rows"]) == 18
     assert [r["name"] for r in data["rows"]][:3] == ["released-baseline", "paper-baseline", "paper-baseline-compiled"]
-    assert all(not r["fp8"] for r in data["rows"][:9]) and all(r["fp8"] for r in data["rows"][9:])  # FP8 last
+    assert all(not r["fp8"] for r in data["rows"][:12]) and all(r["fp8"] for r in data["rows"][12:])  # FP8 last
+    for name in pixels:  # VAE encode + the same cached student + readout; the text encoder timed on its own
+        row = rows[name]
+        assert row["levers"][0] == "vae-encode" and row["pipeline"]["parts"].startswith("tiny")
+        assert row["pipeline"]["image_shape"] == [16, 16, 3] and row["pipeline"]["text_encoder_ms"] > 0
+        assert 0 < row["pipeline"]["encode_ms_median"] < row["latency_ms"] * 2
+    vae = data["vae_encoder_w1"]  # W1's frame: 32x32 latents, CogVideoX's 8x VAE (about 0.9 TFLOP, 92 M params)
+    assert vae["image_shape"] == [256, 256, 3] and 0.5 < vae["tflop"] < 1.5 and 50e6 < vae["params"] < 150e6
+    assert "W1 VAE encode of one frame" in result.stdout
     required = {"name", "steps", "fp8", "cache", "latency_ms", "p90_ms", "peak_mem_bytes", "times_ms", "op_backends",
                 "gpu_telemetry"}
     for r in data["rows"]:

@@ -29,6 +29,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("models", ("wam_fast.configs", "wam_fast.models")),
     ("runtime", ("wam_fast.schedules", "wam_fast.sampling", "wam_fast.cache", "wam_fast.quant", "wam_fast.policy")),
     ("compiler", ("wam_fast.compiler",)),
+    ("pipeline", ("wam_fast.pipeline",)),  # pixels -> actions: frame / text encoders around a WAMPolicy
     ("distill", ("wam_fast.distill",)),
     ("clis", ("wam_fast.bench", "wam_fast.info", "wam_fast.eval")),
 ]

@@ -257,8 +257,8 @@ class ExpertChunks:
     def reset(self, text):
         assert text.shape[0] == len(self.envs)
 
-    def act(self, latents):
-        assert latents.shape == (len(self.envs), 1, 3, 64, 64)
+    def act(self, images):
+        assert images.shape == (len(self.envs), 64, 64, 3) and images.dtype == np.uint8
         actions = np.stack([np.zeros(4, np.float32) if self.zero else env.expert_action(self.expert)
                             for env in self.envs])
         return SimpleNamespace(actions=torch.from_numpy(actions)[:, None].repeat(1, 8, 1))
@@ -407,14 +407,16 @@ def test_rows_build_the_policies_they_name(smoke_run):
     checkpoints = {"teacher": work / "teacher" / "final", "shortcut": work / "student-shortcut" / "final",
                    "consistency": work / "student-consistency" / "final", "autoencoder": work / "autoencoder" / "frozen"}
     rows = {row.name: row for row in MODELS}
-    teacher = make_policy(rows["teacher"], checkpoints, 0)
+    teacher = make_policy(rows["teacher"], checkpoints, 0, "push-v3")
     assert teacher.cache is None and teacher.steps == 10 and teacher.cfg_scale == 1.0
-    assert isinstance(teacher, autoencoder.EncodingPolicy)  # push-v3's WAMs work on autoencoder latents
-    pixels = mw.image_to_latent(np.zeros((1, 64, 64, 3), np.uint8))[:, None]
+    # one path from pixels to actions: a WAMPipeline whose frame encoder is push-v3's autoencoder
+    assert teacher.pipeline.frame_encoder.name == "metaworld-autoencoder"
     teacher.reset(mw.instruction_embedding("push-v3", 4, 32)[None])
-    assert teacher.act(pixels).actions.shape == (1, 8, 4)
-    fp32 = make_policy(rows["shortcut-2step"], checkpoints, 0)
-    fp8 = make_policy(rows["shortcut-2step-fp8"], checkpoints, 0)
+    assert teacher.act(np.zeros((1, 64, 64, 3), np.uint8)).actions.shape == (1, 8, 4)
+    with pytest.raises(ValueError, match="instruction embedding"):
+        teacher.reset(torch.zeros(1, 4, 32))
+    fp32 = make_policy(rows["shortcut-2step"], checkpoints, 0, "push-v3")
+    fp8 = make_policy(rows["shortcut-2step-fp8"], checkpoints, 0, "push-v3")
     assert fp32.cache is not None and fp32.steps == 2 and not fp8_layers(fp32.model)
     assert fp8.cache is not None and len(fp8_layers(fp8.model)) > 0
     assert fp8.model is not fp32.model  # FP8 quantizes a model of its own
@@ -501,15 +503,15 @@ def test_conv_baseline_learns_where_a_small_object_is(tmp_path):
 def test_first_action_spread_tells_a_reading_policy_from_a_constant_one():
     from wam_fast.eval import diagnose
 
-    constant = diagnose.first_action_spread(lambda latent: np.zeros(4), "push-v3", layouts=6)
+    constant = diagnose.first_action_spread(lambda images: np.zeros(4), "push-v3", layouts=6)
     assert constant["layouts"] == 6 and constant["spread_xy"] == [0.0, 0.0]
     assert constant["correlation_xy"] == [None, None] and min(constant["expert_spread_xy"]) > 0.05
 
     first = []
 
-    def reads_the_image(latent):  # how far this layout's first frame is from the first layout's
-        first.append(latent) if not first else None
-        change = float((latent - first[0]).abs().mean()) * 100
+    def reads_the_image(images):  # how far this layout's first frame (uint8) is from the first layout's
+        first.append(images) if not first else None
+        change = float(np.abs(images.astype(np.float32) - first[0].astype(np.float32)).mean()) / 127.5 * 100
         return np.array([change, -change, 0.0, 0.0])
 
     reading = diagnose.first_action_spread(reads_the_image, "push-v3", layouts=6)

@@ -28,6 +28,7 @@ _LAZY = {
     "sample": ("wam_fast.sampling", "sample"),
     "ActionChunk": ("wam_fast.sampling", "ActionChunk"),
     "SAMPLERS": ("wam_fast.sampling", "SAMPLERS"),
+    "WAMPipeline": ("wam_fast.pipeline", "WAMPipeline"),
     "save_pretrained": ("wam_fast.models.transformer", "save_pretrained"),
     "load_pretrained": ("wam_fast.models.transformer", "load_pretrained"),
 }

@@ -1,5 +1,6 @@
 """The arithmetic per action chunk, from the configs: a row's block tokens and FLOPs (linears vs
-attention), the W1/W2 accounting table with and without the KV cache, and W1's weight bytes."""
+attention), the W1/W2 accounting table with and without the KV cache, W1's weight bytes, and the
+FLOPs of the VAE encode of one frame (the pixels -> actions rows)."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,3 +49,32 @@ def weight_accounting(workload: str = "videovla-5b") -> dict:
     default = weight_bytes(cfg)
     with_adaln = weight_bytes(cfg, filter_fn=lambda module, name: name.startswith("blocks."))
     return {"workload": workload, "bf16": default["bf16"], "fp8": default["fp8"], "fp8_with_adaln": with_adaln["fp8"]}
+
+
+def vae_encoder_cost(workload: str = "videovla-5b") -> dict:
+    """FLOPs of CogVideoX's VAE encoder on one frame whose latent is ``workload``'s (W1: 256x256), counted
+    by torch's FlopCounterMode on the meta device (no memory, no weights); a reason when diffusers is missing."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wam_fast.utils.optional import missing_reason
+
+    reason = missing_reason("diffusers")
+    if reason is not None:
+        return {"workload": workload, "skipped": reason}
+    from wam_fast.pipeline.encoders import import_hub_kernels
+
+    import_hub_kernels()
+    from diffusers import AutoencoderKLCogVideoX
+
+    cfg = configs.get(workload)
+    with torch.device("meta"):
+        vae = AutoencoderKLCogVideoX(latent_channels=cfg.latent_channels)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        height, width = cfg.latent_height * factor, cfg.latent_width * factor
+        with FlopCounterMode(display=False) as counter:
+            vae.encoder(torch.empty(1, 3, 1, height, width))
+    return {"workload": workload, "image_shape": [height, width, 3],
+            "tflop": round(counter.get_total_flops() / 1e12, 3),
+            "params": sum(p.numel() for p in vae.encoder.parameters()),
+            "note": "diffusers' AutoencoderKLCogVideoX default (CogVideoX's VAE) encoder, one frame; meta-device count"}

@@ -12,7 +12,7 @@ import torch
 
 from wam_fast import configs
 from wam_fast.utils.environment import environment, versions
-from wam_fast.bench.accounting import accounting, weight_accounting
+from wam_fast.bench.accounting import accounting, vae_encoder_cost, weight_accounting
 from wam_fast.bench.ceilings import FLOOR_NOTE, design_ceilings, measure_ceilings
 from wam_fast.bench.measure import add_speedups, measure, release_memory
 from wam_fast.bench.models import build_model, count_parameters, make_inputs, shortcut_student
@@ -21,6 +21,7 @@ from wam_fast.bench.rows import CPU_PARAM_LIMIT, DEFAULT_STEPS, DTYPES, select, 
 from wam_fast.bench.telemetry import gpu_telemetry
 from wam_fast.bench import kernels as kernel_counts
 from wam_fast.bench import projection
+from wam_fast.bench.pipeline_row import measure_pixels_row
 
 
 def _int_list(text: str) -> List[int]:
@@ -72,6 +73,9 @@ def parse_args(argv=None):
                         help="print the roofline PROJECTION (not a measurement) of each row's latency per chunk on "
                              "these GPUs, e.g. h100,h200,rtx4090,l40s, from ops traced on the meta device (default "
                              "workload videovla-5b; any machine); --json writes it; measure nothing")
+    parser.add_argument("--no-pixels", action="store_true",
+                        help="skip the pixels -> actions rows (VAE encode + cached student + readout; needs "
+                             "diffusers and transformers)")
     parser.add_argument("--allow-cpu-large", action="store_true",
                         help="run a multi-billion-parameter workload on CPU anyway")
     args = parser.parse_args(argv)
@@ -189,6 +193,13 @@ def main(argv=None) -> dict:
         for v in group:
             record(measure(v, student, inputs, cfg, args, device, ceilings))
             release_memory(device)  # the row's policy (graphs, cache) is gone; keep peaks per row honest
+        if not group[0].fp8:
+            for steps in pixel_steps(args, chosen):  # next to the latent-only cached rows, same student
+                row = measure_pixels_row(student, cfg, steps, args, device, full=on_gpu or args.allow_cpu_large)
+                print(f"  ({row['pipeline']['parts']}, frame {row['pipeline']['image_shape']}; text encoder "
+                      f"{row['pipeline']['text_encoder_ms']:.2f} ms once per instruction, not in the row)")
+                record(row)
+                release_memory(device)
         del student
         release_memory(device, drop_compiled=True)  # this precision's compiled student is not used again
 
@@ -209,12 +220,25 @@ def main(argv=None) -> dict:
     print(f"\nW1 weights (meta-device arithmetic): bf16 {weights['bf16'] / 1e9:.2f} GB, FP8 backbone linears "
           f"(quantize_fp8 default) {weights['fp8'] / 1e9:.2f} GB, FP8 with the AdaLN projections too "
           f"{weights['fp8_with_adaln'] / 1e9:.2f} GB")
-    result.update(accounting=costs, weights_w1=weights, gpu_telemetry=gpu_telemetry(device), complete=True)
+    vae = vae_encoder_cost()
+    print("W1 VAE encode of one frame (pixels -> actions rows): " + (
+        f"{vae['tflop']:.3f} TFLOP for a {vae['image_shape'][0]}x{vae['image_shape'][1]} frame, "
+        f"{vae['params'] / 1e6:.1f} M encoder parameters (meta-device count)" if "tflop" in vae else vae["skipped"]))
+    result.update(accounting=costs, weights_w1=weights, vae_encoder_w1=vae, gpu_telemetry=gpu_telemetry(device),
+                  complete=True)
     if args.json:
         write_json(args.json, result)
         print(f"\nwrote {args.json}")
     emit_chart(result, chart_path(args))
     return result
+
+
+def pixel_steps(args, chosen) -> List[int]:
+    """Step counts of the pixels -> actions rows: those of the chosen bf16/fp32 cached student rows."""
+    if args.no_pixels:
+        return []
+    latent = {v.steps for v in chosen if v.student and v.cache and not v.fp8}
+    return [s for s in args.steps if s in latent]
 
 
 def kernels_main(args, cfg, device) -> dict:

@@ -59,7 +59,7 @@ def release_memory(device: torch.device, drop_compiled: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def _ops_since(before: dict) -> dict:
+def ops_since(before: dict) -> dict:
     """{op: {backend: calls}} run since the ``backends_used()`` snapshot ``before``."""
     delta = {}
     for op, counts in backends_used().items():
@@ -125,7 +125,7 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device, ceilings: 
         "repeats": args.repeats,
         "times_ms": [round(t, 4) for t in times],
         # the backend each fused op actually ran (wam_fast.ops registry; graph replays reuse the capture's)
-        "op_backends": _ops_since(before),
+        "op_backends": ops_since(before),
         "gpu_telemetry": telemetry,
     }
     if variant.student:

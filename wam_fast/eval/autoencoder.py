@@ -16,8 +16,9 @@ patches reads the puck's 3x3 pixels only as a regressor that memorises the 50 tr
   so ``encode`` returns normalised latents.
 * ``encode_demos``: the pixel demos dataset -> the same samples in the latent space (what the teacher
   and ``python -m wam_fast.distill`` train on).
-* ``EncodingPolicy``: a WAMPolicy that takes pixel latents and encodes them first (the encoder's time
-  counts in the per-chunk latency).
+* The harness's policies encode frames with it through ``wam_fast.WAMPipeline``
+  (``wam_fast.eval.pipeline_policy``: the frame encoder "metaworld-autoencoder"), so the encoder's time
+  counts in the per-chunk latency.
 """
 from __future__ import annotations
 
@@ -221,23 +222,3 @@ def encode_demos(autoencoder: FrameAutoencoder, demos: Path, directory: Path) ->
         writer.abort()
         raise
     return writer.close(metadata)
-
-
-class EncodingPolicy:
-    """A policy over autoencoder latents that takes pixel latents: ``act`` encodes each frame first.
-    Everything else (``reset``, ``sampler``, ``config``, ...) is the wrapped policy's."""
-
-    def __init__(self, policy, autoencoder: FrameAutoencoder):
-        self.policy, self.autoencoder = policy, autoencoder
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["policy"], name)
-
-    @torch.no_grad()
-    def act(self, pixels: torch.Tensor, *args, **kwargs):
-        """``pixels``: (B, frames, 3, S, S) pixel latents; the wrapped policy gets (B, frames, C, S/8, S/8)."""
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5:
-            raise ValueError(f"EncodingPolicy.act expects pixel latents (B, frames, 3, H, W), got "
-                             f"{tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__}")
-        latents = self.autoencoder.encode(pixels.flatten(0, 1))
-        return self.policy.act(latents.reshape(*pixels.shape[:2], *latents.shape[1:]), *args, **kwargs)

@@ -34,16 +34,16 @@ import wam_fast
 from wam_fast.utils.files import atomic_write
 from wam_fast.distill import objectives
 from wam_fast.distill.data import LatentDataset
-from wam_fast.eval import autoencoder as frame_autoencoder
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import environment
+from wam_fast.eval.pipeline_policy import build_pipeline
 from wam_fast.eval.rollout import run_episodes, wilson_interval
 from wam_fast.eval.settings import Settings, model_config
 
 
-def first_action_spread(act_first: Callable[[torch.Tensor], np.ndarray], task: str, *, layouts: int = 50,
+def first_action_spread(act_first: Callable[[np.ndarray], np.ndarray], task: str, *, layouts: int = 50,
                         camera: str = mw.CAMERA) -> dict:
-    """``act_first``: (1, 1, 3, 64, 64) pixel latent -> the policy's first action (4,), same noise each call.
+    """``act_first``: a uint8 RGB frame (1, 64, 64, 3) -> the policy's first action (4,), same noise each call.
     Returns the x-y spread of the policy's and the expert's first actions over the held-out layouts, and
     their correlation per axis (None where either is constant)."""
     env = mw.MetaWorldEnv(task, "heldout", camera=camera)
@@ -53,7 +53,7 @@ def first_action_spread(act_first: Callable[[torch.Tensor], np.ndarray], task: s
         for layout in range(min(layouts, env.num_layouts)):
             image = env.reset(layout)
             expert_actions.append(env.expert_action(expert))
-            policy_actions.append(np.asarray(act_first(mw.image_to_latent(image[None])[:, None]), dtype=np.float64))
+            policy_actions.append(np.asarray(act_first(image[None]), dtype=np.float64))
     finally:
         env.close()
     policy_actions, expert_actions = np.stack(policy_actions), np.stack(expert_actions)
@@ -73,18 +73,13 @@ def teacher_first_action(checkpoint: Path, task: str, steps: int, seed: int = 0,
     """``act_first`` of a saved WAM (sampled with ``steps`` steps, a fresh policy and seed per call); a WAM
     over autoencoder latents needs its frozen autoencoder (``OUT/<task>/autoencoder/frozen``)."""
     model = wam_fast.load_pretrained(checkpoint).float().eval()
-    text = mw.instruction_embedding(task, model.config.text_len, model.config.text_dim)
     if autoencoder is None and model.config.latent_channels != 3:
         raise ValueError(f"{checkpoint} works on {model.config.latent_channels}-channel autoencoder latents, not "
                          f"pixels: pass its autoencoder (--autoencoder OUT/{task}/autoencoder/frozen)")
-    encoder = frame_autoencoder.load_autoencoder(autoencoder) if autoencoder is not None else None
+    pipeline = build_pipeline(model, task, autoencoder, steps=steps, cache=False, cfg_scale=1.0)
 
-    def act_first(latent: torch.Tensor) -> np.ndarray:
-        policy = wam_fast.WAMPolicy(model, steps=steps, cache=False, seed=seed, cfg_scale=1.0)
-        if encoder is not None:
-            policy = frame_autoencoder.EncodingPolicy(policy, encoder)
-        policy.reset(text[None])
-        return policy.act(latent).actions.float()[0, 0].numpy()
+    def act_first(images: np.ndarray) -> np.ndarray:
+        return pipeline.new_session(seed).act_batch(images, task)[0, 0]
 
     return act_first
 
@@ -112,7 +107,7 @@ class ConvPolicy(nn.Module):
 
 
 class ConvPolicyRunner:
-    """``reset(text)`` / ``act(latents) -> .actions``, as ``rollout.run_episodes`` drives a WAMPolicy."""
+    """``reset(text)`` / ``act(images uint8 (B, H, W, 3)) -> .actions``, as ``rollout.run_episodes`` drives a policy."""
 
     def __init__(self, net: ConvPolicy):
         self.net = net.eval()
@@ -121,8 +116,8 @@ class ConvPolicyRunner:
         pass  # one task per model: the instruction carries nothing
 
     @torch.no_grad()
-    def act(self, latents: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(actions=self.net(latents[:, 0]))
+    def act(self, images: np.ndarray) -> SimpleNamespace:
+        return SimpleNamespace(actions=self.net(mw.image_to_latent(images)))
 
 
 def _fit(name: str, module: nn.Module, batch_loss: Callable, rows: int, *, steps: int, batch: int, lr: float,
@@ -171,8 +166,8 @@ def conv_bc_baseline(task: str, demos: Path, *, steps: int = 3000, episodes: int
                           text=torch.zeros(1, 1, 1), camera=camera)
     wins = sum(result.success)
     with torch.no_grad():
-        spread = first_action_spread(lambda latent: net(latent[:, 0])[0, 0].numpy(), task, layouts=layouts,
-                                     camera=camera)
+        spread = first_action_spread(lambda images: net(mw.image_to_latent(images))[0, 0].numpy(), task,
+                                     layouts=layouts, camera=camera)
     return {"steps": steps, "final_loss": loss, "train_s": round(train_s, 1), "episodes": episodes,
             "successes": wins, "success": wins / episodes, "ci95": list(wilson_interval(wins, episodes)),
             "first_action": spread}
@@ -214,7 +209,8 @@ def wam_regression_baseline(task: str, demos: Path, *, steps: int = 1500, batch:
     text = mw.instruction_embedding(task, config.text_len, config.text_dim)
 
     @torch.no_grad()
-    def act_first(latent: torch.Tensor) -> np.ndarray:
+    def act_first(images: np.ndarray) -> np.ndarray:
+        latent = mw.image_to_latent(images)[:, None]
         return predict({"image": latent, "text": text[None]}, torch.Generator().manual_seed(seed))[0, 0].numpy()
 
     return {"steps": steps, "final_loss": loss, "train_s": round(train_s, 1),

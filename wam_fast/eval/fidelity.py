@@ -65,7 +65,8 @@ def retime(settings: Settings, results_dir: Path = RESULTS_DIR) -> dict:
     for measured in results["models"]:
         row = rows[measured["name"]]
         policy = make_policy(row, {row.source: Path(measured["checkpoint"]),
-                                   "autoencoder": Path(frozen) if frozen else None}, settings.seed)
+                                   "autoencoder": Path(frozen) if frozen else None}, settings.seed,
+                             settings.task)
         measured["latency_ms"], measured["latency_ms_raw"] = chunk_latency_ms(
             policy, text, image, repeats=5 if results["episodes"] <= 2 else 20)
     results["environment"] = environment()

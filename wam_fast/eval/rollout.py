@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 import wam_fast
-from wam_fast.eval import autoencoder
 from wam_fast.eval import metaworld as mw
+from wam_fast.eval.pipeline_policy import PipelinePolicy, build_pipeline
 from wam_fast.eval.settings import ModelRow, Settings
 
 
@@ -30,16 +30,18 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -
     return lo, hi
 
 
-def make_policy(row: ModelRow, checkpoints: Dict[str, Path], seed: int):
-    """A fresh WAMPolicy for ``row`` (a fresh model too: FP8 quantizes its model in place). With
-    ``checkpoints["autoencoder"]`` it takes pixel latents and encodes them first (``EncodingPolicy``)."""
+def make_policy(row: ModelRow, checkpoints: Dict[str, Path], seed: int, task: str):
+    """A fresh ``PipelinePolicy`` for ``row``: a WAMPipeline (a fresh model too: FP8 quantizes its model in
+    place) from uint8 frames to actions, through ``checkpoints["autoencoder"]`` when given (push-v3),
+    else the pixels themselves, with ``task``'s fixed instruction embedding."""
     model = wam_fast.load_pretrained(checkpoints[row.source]).float().eval()
     sampler_options = {"cfg_scale": 1.0} if row.source == "teacher" else {}
-    policy = wam_fast.WAMPolicy(model, steps=row.steps, cache=row.cache, seed=seed, **sampler_options)
+    pipeline = build_pipeline(model, task, checkpoints.get("autoencoder"), steps=row.steps, cache=row.cache,
+                              **sampler_options)
+    policy = PipelinePolicy(pipeline, task, seed)
     if row.fp8:
-        wam_fast.compile(policy, wam_fast.CompileConfig(fp8=True, backend="eager", fused=False, cache=row.cache))
-    if checkpoints.get("autoencoder") is not None:
-        return autoencoder.EncodingPolicy(policy, autoencoder.load_autoencoder(checkpoints["autoencoder"]))
+        wam_fast.compile(policy.session.policy, wam_fast.CompileConfig(fp8=True, backend="eager", fused=False,
+                                                                       cache=row.cache))
     return policy
 
 
@@ -57,7 +59,8 @@ def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int
     Every round renders each running episode, samples one chunk for all (``policy.act``) and executes
     the first ``execute`` actions of each; an episode stops at its first success or at ``horizon``.
 
-    ``policy`` is a WAMPolicy (or anything with ``reset(text)`` and ``act(latents) -> .actions``)."""
+    ``policy``: anything with ``reset(text)`` and ``act(images uint8 (B, H, W, 3)) -> .actions`` (a
+    ``PipelinePolicy``: pixels to actions through one WAMPipeline)."""
     if not 1 <= execute:
         raise ValueError(f"execute must be >= 1 (actions run per chunk), got {execute}")
     envs = envs if envs is not None else [mw.MetaWorldEnv(task, "heldout", camera=camera) for _ in range(episodes)]
@@ -66,8 +69,7 @@ def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int
     success_step: List[Optional[int]] = [None] * episodes
     start, chunks, t = time.perf_counter(), 0, 0
     while t < horizon and any(s is None for s in success_step):
-        latents = mw.image_to_latent(np.stack(images))[:, None]
-        actions = policy.act(latents).actions.float().numpy()
+        actions = policy.act(np.stack(images)).actions.float().numpy()
         chunks += 1
         execute_now = min(execute, actions.shape[1], horizon - t)
         for i, env in enumerate(envs):
@@ -86,13 +88,13 @@ def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int
 
 def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int = 20,
                      warmup: int = 3) -> Tuple[float, List[float]]:
-    """(median, every timing) in ms of one ``policy.act`` at batch 1 on a real observation (CPU timer)."""
+    """(median, every timing) in ms of one ``policy.act`` at batch 1 on a real observation (CPU timer):
+    uint8 pixels to actions (frame conversion and encoder included)."""
     policy.reset(text[None])
-    latent = mw.image_to_latent(image[None])[:, None]
     times = []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
-        policy.act(latent)
+        policy.act(image[None])
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times)), times
@@ -100,11 +102,11 @@ def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int
 
 def evaluate_row(row: ModelRow, checkpoints: Dict[str, Path], settings: Settings, text: torch.Tensor,
                  envs) -> dict:
-    policy = make_policy(row, checkpoints, settings.seed)
+    policy = make_policy(row, checkpoints, settings.seed, settings.task)
     result = run_episodes(policy, settings.task, settings.episodes, horizon=settings.horizon,
                           execute=settings.execute, text=text, envs=envs)
     wins = sum(result.success)
-    latency_policy = make_policy(row, checkpoints, settings.seed)
+    latency_policy = make_policy(row, checkpoints, settings.seed, settings.task)
     image = envs[0].reset(0)
     latency, timings = chunk_latency_ms(latency_policy, text, image, repeats=5 if settings.episodes <= 2 else 20)
     lo, hi = wilson_interval(wins, settings.episodes)

@@ -9,6 +9,8 @@ from typing import Optional
 OPTIONAL_PACKAGES = {
     "diffusers": {"module": "diffusers", "use": "load CogVideoX / VideoVLA weights",
                   "install": 'pip install "wam_fast[diffusers]"'},
+    "transformers": {"module": "transformers", "use": "the T5 text encoder of wam_fast.WAMPipeline",
+                     "install": 'pip install "wam_fast[pipeline]"'},
     "flash-attn": {"module": "flash_attn", "use": "attention backend (CUDA)",
                    "install": "pip install flash-attn --no-build-isolation"},
     "xformers": {"module": "xformers", "use": "attention backend (CUDA)", "install": "pip install xformers"},
