@@ -62,9 +62,6 @@ def vae_encoder_cost(workload: str = "videovla-5b") -> dict:
     reason = missing_reason("diffusers")
     if reason is not None:
         return {"workload": workload, "skipped": reason}
-    from wam_fast.pipeline.encoders import import_hub_kernels
-
-    import_hub_kernels()
     from diffusers import AutoencoderKLCogVideoX
 
     cfg = configs.get(workload)

@@ -7,10 +7,7 @@ the Meta-World autoencoder) and names the module that registers it, which the lo
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -34,26 +31,6 @@ def require(package: str) -> None:
     reason = missing_reason(package)
     if reason is not None:
         raise ImportError(reason)
-    import_hub_kernels()
-
-
-def import_hub_kernels() -> None:
-    """transformers 5 imports the Hugging Face package ``kernels``; run from this repository's root, its
-    ``kernels/`` folder (wam_fast.kernels' sources) shadows that package and transformers (and diffusers,
-    which imports it) fail to import. Import the installed ``kernels`` first, with the root off sys.path."""
-    if "kernels" in sys.modules:
-        return
-    spec = importlib.util.find_spec("kernels")
-    root = Path(__file__).resolve().parents[2]
-    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != root / "kernels":
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        if importlib.util.find_spec("kernels") is not None:
-            importlib.import_module("kernels")
-    finally:
-        sys.path[:] = saved
 
 
 def write_json(path: Path, data: dict) -> None:
