@@ -162,9 +162,20 @@ class OpBackends:
         return rows
 
 
-@torch.compiler.disable  # traced, the count would be a dynamo guard: every compiled call would recompile
+_UNTRACED_NOTE: Optional[Callable] = None
+
+
 def note_fallback(op: str, backend: str, skipped: List[str]) -> None:
-    """Log a fallback once per (op, backend, reasons) and count it (``fallbacks()``)."""
+    """Log a fallback once per (op, backend, reasons) and count it (``fallbacks()``). Under torch.compile
+    the bookkeeping runs outside the graph: traced, the count would be a dynamo guard and every compiled
+    call would recompile. (torch.compiler.disable is applied on first use: it imports dynamo and triton.)"""
+    global _UNTRACED_NOTE
+    if _UNTRACED_NOTE is None:
+        _UNTRACED_NOTE = torch.compiler.disable(_note_fallback)
+    _UNTRACED_NOTE(op, backend, skipped)
+
+
+def _note_fallback(op: str, backend: str, skipped: List[str]) -> None:
     key = (op, backend, tuple(skipped))
     if key not in _FALLBACKS:
         logger.warning("wam_fast.ops.%s: running the %s backend (%s)", op, backend, " | ".join(skipped))
