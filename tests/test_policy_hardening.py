@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import wam_fast
-from wam_fast.models.validation import inputs_checked
 
 STEPS = 4
 
@@ -127,6 +126,7 @@ def test_forward_refuses_timestep_tensors_out_of_range(bad):
 
 
 def test_per_step_forwards_read_no_values():
+    from wam_fast.models.validation import inputs_checked
     model = temporal_model()
     video, text, actions, image = forward_inputs(model)
     with inputs_checked():  # what sample() / WAMPolicy run their steps in: no check, no sync
