@@ -281,10 +281,12 @@ def check_text(name: str, text, batches: Tuple[int, ...], config, dtype, device)
         raise TypeError(f"{name} must be a torch.Tensor (B, {config.text_len}, {config.text_dim}), "
                         f"got {type(text).__name__}")
     if text.dim() != 3 or text.shape[1:] != (config.text_len, config.text_dim) or (
-            batches and text.shape[0] not in batches) or text.shape[0] == 0:
+            batches and text.shape[0] not in batches):
         batch_text = "B" if not batches else " or ".join(str(b) for b in batches)
         raise ValueError(f"{name} must have shape ({batch_text}, text_len={config.text_len}, "
-                         f"text_dim={config.text_dim}) with a batch of at least 1, got {tuple(text.shape)}")
+                         f"text_dim={config.text_dim}), got {tuple(text.shape)}")
+    if text.shape[0] == 0:
+        raise ValueError(f"{name} must have a batch of at least 1, got shape {tuple(text.shape)}")
     if text.dtype != dtype:
         raise TypeError(f"{name} must have the model's dtype {dtype}, got {text.dtype}")
     if text.device != device:
