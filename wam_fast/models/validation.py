@@ -55,8 +55,8 @@ def reads_values(t: torch.Tensor) -> bool:
     """Whether a forward should check the values of the user's tensor ``t``: not inside
     ``inputs_checked()``, not while torch.compile traces (a data-dependent branch breaks the graph) nor
     while a CUDA graph captures (a read-back is illegal there). On an accelerator the check costs one sync."""
-    if torch.compiler.is_compiling() or getattr(_checked, "depth", 0):
-        return False
+    if torch.compiler.is_compiling() or getattr(_checked, "depth", 0) or t.device.type == "meta":
+        return False  # (a meta tensor, as the FLOP projection traces, has no values)
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
@@ -80,9 +80,9 @@ def check_values(finite: dict, robot_id=None, num_robots: int = 0) -> None:
     """Refuse non-finite values in ``finite`` (name -> tensor or None) and robot ids outside
     [0, num_robots). Reads values: all checks are fused into ONE reduction and one host read-back
     (one device sync on an accelerator), so it runs at public entries, never in the per-step path."""
-    present = {name: t for name, t in finite.items() if t is not None}
+    present = {name: t for name, t in finite.items() if t is not None and t.device.type != "meta"}  # no values
     checks = [torch.isfinite(t).all() for t in present.values()]
-    if robot_id is not None and num_robots:
+    if robot_id is not None and num_robots and robot_id.device.type != "meta":
         checks.append(_robot_ids_in_range(robot_id, num_robots))
     if not checks or bool(torch.stack(checks).all()):
         return
