@@ -211,6 +211,9 @@ def _bad(**overrides):
     (dict(eps=-1.0), ValueError, "eps must be a non-negative float"),
     (dict(fp8="yes"), TypeError, "fp8 must be a bool"),
     (dict(shift=None), TypeError, "shift must be a torch.Tensor"),
+    # D = 0: a norm over no features (the Triton path divided by D: ZeroDivisionError)
+    (dict(x=torch.zeros(1, 10, 0), shift=torch.zeros(1, 2, 0), scale=torch.zeros(1, 2, 0), weight=None, bias=None),
+     ValueError, r"x must have a hidden dim D >= 1, got shape \(1, 10, 0\)"),
 ])
 def test_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):

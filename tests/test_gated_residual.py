@@ -110,6 +110,8 @@ def _bad(**overrides):
     (dict(segments=(4, 7)), ValueError, "sum to 11, but x has 10 tokens"),
     (dict(mod_index=(0, 5)), ValueError, r"mod_index entries must be in \[0, 2\)"),
     (dict(mod_index=(0,)), ValueError, r"mod_index needs one modulation set per segment"),
+    (dict(residual=torch.zeros(1, 10, 0), x=torch.zeros(1, 10, 0), gate=torch.zeros(1, 2, 0)),
+     ValueError, r"residual must have a hidden dim D >= 1"),
 ])
 def test_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):

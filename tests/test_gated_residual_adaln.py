@@ -128,6 +128,9 @@ def _bad(**overrides):
     (dict(mod_index=(0, 5)), ValueError, r"mod_index entries must be in \[0, 2\)"),
     (dict(weight=torch.randn(16, 1)), ValueError, r"weight must have 1 dims \(16\)"),
     (dict(fp8=1), TypeError, "fp8 must be a bool"),
+    (dict(residual=torch.zeros(1, 10, 0), x=torch.zeros(1, 10, 0), gate=torch.zeros(1, 2, 0),
+          shift=torch.zeros(1, 2, 0), scale=torch.zeros(1, 2, 0), weight=None, bias=None),
+     ValueError, r"residual must have a hidden dim D >= 1"),
 ])
 def test_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):

@@ -93,10 +93,34 @@ def test_robot_id_given_to_a_model_without_robots(model):
     (dict(num_layers=0), "WAMConfig.num_layers must be a positive int, got 0"),
     (dict(objective="eps"), "WAMConfig.objective must be one of"),
     (dict(mask="temporal", latent_frames=1), "latent_frames must be >= 2"),
+    # types, signs and finiteness of the fields without a range check of their own
+    (dict(norm_eps=float("nan")), "WAMConfig.norm_eps must be a finite number > 0, got nan"),
+    (dict(qk_norm_eps=-1e-6), "WAMConfig.qk_norm_eps must be a finite number > 0, got -1e-06"),
+    (dict(rope_theta=float("inf")), "WAMConfig.rope_theta must be a finite number > 0, got inf"),
+    (dict(rope_theta="10000"), "WAMConfig.rope_theta must be a finite number > 0, got '10000'"),
+    (dict(num_robots=-1), "WAMConfig.num_robots must be an int >= 0, got -1"),
+    (dict(num_robots=1.5), "WAMConfig.num_robots must be an int >= 0, got 1.5"),
+    (dict(history_frames=True), "WAMConfig.history_frames must be an int >= 0, got True"),
+    (dict(image_concat=1), "WAMConfig.image_concat must be a bool, got 1"),
+    (dict(mask=["full"]), r"WAMConfig.mask must be a str, got \['full'\]"),
+    (dict(rope_axes_dim=(4, 6.0, 6)), r"WAMConfig.rope_axes_dim must be None or three ints \(t, h, w\)"),
+    (dict(rope_axes_dim=(4, 12)), r"WAMConfig.rope_axes_dim must be None or three ints"),
+    (dict(num_heads=2.0), "WAMConfig.num_heads must be a positive int, got 2.0"),
 ])
 def test_bad_configs(overrides, message):
     with pytest.raises(ValueError, match=message):
         wam_fast.configs.get("tiny", **overrides)
+
+
+def test_config_name_must_be_a_str():
+    with pytest.raises(ValueError, match="WAMConfig.name must be a str, got None"):
+        wam_fast.WAMConfig(name=None)
+
+
+def test_config_numbers_are_normalised():
+    cfg = wam_fast.configs.get("tiny", rope_theta=500, rope_axes_dim=[4, 6, 6])  # as JSON or by hand
+    assert cfg.rope_theta == 500.0 and isinstance(cfg.rope_theta, float) and cfg.rope_axes_dim == (4, 6, 6)
+    assert wam_fast.WAMConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_unknown_preset_and_non_config():

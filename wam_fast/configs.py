@@ -72,13 +72,11 @@ class WAMConfig:
                            "latent_height", "latent_width", "patch_size", "action_len",
                            "action_dim", "num_train_timesteps"):
             positive(field_name)
+        self._check_types()
         if self.mask not in MASKS:
             raise ValueError(f"WAMConfig.mask must be one of {MASKS}, got {self.mask!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"WAMConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.num_robots < 0 or self.history_frames < 0:
-            raise ValueError(f"WAMConfig.num_robots and history_frames must be >= 0, got "
-                             f"{self.num_robots} and {self.history_frames}")
         if self.history_frames and self.mask != "temporal":
             raise ValueError(f"WAMConfig.history_frames={self.history_frames} needs mask='temporal' "
                              f"(history frames are clean context), got mask={self.mask!r}")
@@ -94,6 +92,30 @@ class WAMConfig:
             raise ValueError(f"rope_axes_dim {axes} must be three positive even sizes summing to "
                              f"head_dim={self.head_dim}")
         self._check_distillation()
+
+    def _check_types(self) -> None:
+        """Fields without a range check of their own: types, signs, finiteness (a NaN eps or theta
+        would only show as NaN outputs)."""
+        for field_name in ("name", "mask", "objective", "distillation"):
+            if not isinstance(getattr(self, field_name), str):
+                raise ValueError(f"WAMConfig.{field_name} must be a str, got {getattr(self, field_name)!r}")
+        if not isinstance(self.image_concat, bool):
+            raise ValueError(f"WAMConfig.image_concat must be a bool, got {self.image_concat!r}")
+        for field_name in ("num_robots", "history_frames"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"WAMConfig.{field_name} must be an int >= 0, got {value!r}")
+        for field_name in ("rope_theta", "norm_eps", "qk_norm_eps"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"WAMConfig.{field_name} must be a finite number > 0, got {value!r}")
+            object.__setattr__(self, field_name, float(value))
+        axes = self.rope_axes_dim
+        if axes is not None:
+            if not isinstance(axes, (tuple, list)) or len(axes) != 3 or any(
+                    isinstance(a, bool) or not isinstance(a, int) for a in axes):
+                raise ValueError(f"WAMConfig.rope_axes_dim must be None or three ints (t, h, w), got {axes!r}")
+            object.__setattr__(self, "rope_axes_dim", tuple(axes))  # hashable, as from_dict stores it
 
     def _check_distillation(self) -> None:
         if self.distillation not in DISTILLATIONS:

@@ -16,20 +16,26 @@ Both give the same chunks for the same seed, to rounding.
 readout). By default that call runs eagerly; ``wam_fast.compile`` plugs in ``policy.graphs``, which
 replays it from a CUDA graph (``wam_fast.compiler.graphs``). The noise comes from ``generator``, a
 generator on the model's device, so the draws can live inside the graph too.
+
+A policy keeps its own copies of what outlives a call (the text, the history frames), so a robot loop
+may write each new frame into one reused buffer. ``act`` refuses non-finite observations (one fused
+check per call: one device sync on a GPU). A policy is safe to share between threads: ``act`` and
+``reset`` hold the policy's lock, so concurrent calls run one after another, never interleaved.
 """
 from __future__ import annotations
 
 import collections
 import numbers
+import threading
 from typing import Optional
 
 import torch
 
 from wam_fast.cache import TemporalKVCache, not_cacheable_message
 from wam_fast.configs import WAMConfig
-from wam_fast.models.validation import check_robot_id, check_tensor
-from wam_fast.sampling import (SAMPLERS, ActionChunk, check_options, check_text, resolve_options, run_sampler,
-                               step_size_for, uses_guidance)
+from wam_fast.models.validation import check_robot_id, check_tensor, check_values
+from wam_fast.sampling import (SAMPLERS, ActionChunk, check_options, check_seed, check_text, resolve_options,
+                               run_sampler, step_size_for, uses_guidance)
 from wam_fast.schedules import schedule_for
 
 
@@ -49,6 +55,11 @@ class WAMPolicy:
     cfg_scale, cfg_schedule, uncond_text   classifier-free guidance as in ``wam_fast.sample``.
                cfg_scale None: the model's default (6 for a teacher; 1, off, for a distilled
                student, whose guidance is baked in and which refuses any other scale).
+
+    Inputs are copied where they are kept (text, history frames): the caller may reuse its buffers.
+    Non-finite text or observations are refused with ValueError (one fused check per call).
+    Thread safety: ``act`` and ``reset`` serialise on ``self.lock``; two threads sharing a policy get
+    the chunks of some sequential order of their calls (the noise stream and history advance per call).
     """
 
     def __init__(self, model, steps: Optional[int] = None, sampler: Optional[str] = None, cache: bool = True,
@@ -73,6 +84,7 @@ class WAMPolicy:
         self.steps, self.sampler, self.history = int(steps), sampler, int(history)
         self.cfg_scale, self.cfg_schedule = float(cfg_scale), cfg_schedule
         self.guided = uses_guidance(self.cfg_scale, cfg_schedule)  # cfg_scale / cfg_schedule: set at init only
+        self.lock = threading.RLock()  # act / reset: one caller at a time (a robot stack may use callback threads)
         self.generator = torch.Generator(self.device)
         self._seed(seed)
         self.cache = TemporalKVCache(model) if cache else None
@@ -84,8 +96,9 @@ class WAMPolicy:
     def _seed(self, seed: Optional[int]) -> None:
         if seed is None:
             self.generator.seed()
-        else:
-            self.generator.manual_seed(int(seed))
+            return
+        check_seed(seed)
+        self.generator.manual_seed(int(seed))
 
     @property
     def cache_bytes(self) -> int:
@@ -96,18 +109,27 @@ class WAMPolicy:
               seed: Optional[int] = None) -> None:
         """Start an episode with instruction ``text`` (B, text_len, text_dim): forget past frames;
         with the cache, compute the text's K/V (once). ``seed`` restarts the noise stream."""
+        with self.lock:
+            self._reset(text, uncond_text, seed)
+
+    def _reset(self, text, uncond_text, seed) -> None:
         check_text("text", text, (), self.config, self.dtype, self.device)
+        if uncond_text is not None:
+            check_text("uncond_text", uncond_text, (text.shape[0], 1), self.config, self.dtype, self.device)
+        if seed is not None:
+            check_seed(seed)
+        check_values({"text": text, "uncond_text": uncond_text})
         if seed is not None:
             self._seed(seed)
         self.batch = text.shape[0]
         if self.guided:
             if uncond_text is None:
                 uncond_text = torch.zeros_like(text)
-            else:
-                check_text("uncond_text", uncond_text, (self.batch, 1), self.config, self.dtype, self.device)
-            text = torch.cat((text, uncond_text.expand_as(text)))
+            text = torch.cat((text, uncond_text.expand_as(text)))  # a new tensor: the caller's is not kept
         elif uncond_text is not None:
             raise ValueError("uncond_text given but guidance is off (cfg_scale 1 with a constant schedule)")
+        else:
+            text = text.clone()  # our own copy: the caller may overwrite its buffer during the episode
         self.text = text
         self.step = 0
         self.frames = collections.deque(maxlen=self.history)  # uncached: the last `history` observations
@@ -121,6 +143,10 @@ class WAMPolicy:
     def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None) -> ActionChunk:
         """The action chunk (and predicted future video latents) for the current observation
         ``image_latent`` (B, 1, C, H, W), a clean latent in the model's dtype and device."""
+        with self.lock:
+            return self._act(image_latent, robot_id)
+
+    def _act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]) -> ActionChunk:
         self.check_observation(image_latent, robot_id)
         slot = None
         if self.cache is not None:
@@ -176,16 +202,18 @@ class WAMPolicy:
         return chunk.video, chunk.actions
 
     def check_observation(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]) -> None:
-        """Check one observation (host side: shapes, dtype, device; no values read)."""
+        """Check one observation: shapes, dtype, device, then its values (finite, robot ids in range)
+        in one fused reduction: one device sync on a GPU, the only one ``act`` adds."""
         if self.text is None:
             raise RuntimeError("WAMPolicy.act: call reset(text) first (once per episode / instruction)")
         c = self.config
         check_tensor("image_latent", image_latent,
                       (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
-        check_robot_id(c, robot_id, self.batch, self.device)
+        check_robot_id(c, robot_id, self.batch, self.device, read_values=False)  # values: in check_values
+        check_values({"image_latent": image_latent}, robot_id, c.num_robots)
 
     def end_step(self, image_latent: torch.Tensor) -> None:
         """After a chunk: the observation becomes history (uncached path), the control step advances."""
-        if self.history:
-            self.frames.append(image_latent)
+        if self.history and self.cache is None:  # the cache holds its own K/V of past frames
+            self.frames.append(image_latent.clone())  # our own copy: the caller may reuse its buffer
         self.step += 1

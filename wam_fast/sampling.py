@@ -36,9 +36,11 @@ from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 
+from wam_fast.models.validation import check_robot_id, check_values, inputs_checked
 from wam_fast.schedules import Schedule, schedule_for
 
 CFG_SCHEDULES = ("constant", "dynamic")
+MAX_SEED = 2 ** 64 - 1  # torch generators take a 64-bit unsigned seed
 
 
 @dataclass
@@ -283,6 +285,8 @@ def check_text(name: str, text, batches: Tuple[int, ...], config, dtype, device)
         batch_text = "B" if not batches else " or ".join(str(b) for b in batches)
         raise ValueError(f"{name} must have shape ({batch_text}, text_len={config.text_len}, "
                          f"text_dim={config.text_dim}), got {tuple(text.shape)}")
+    if text.shape[0] == 0:
+        raise ValueError(f"{name} must have a batch of at least 1, got shape {tuple(text.shape)}")
     if text.dtype != dtype:
         raise TypeError(f"{name} must have the model's dtype {dtype}, got {text.dtype}")
     if text.device != device:
@@ -305,9 +309,15 @@ def check_options(config, sampler, steps, cfg_scale, cfg_schedule, seed) -> None
         raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    check_seed(seed)
+    _check_student_options(config, sampler, steps, cfg_scale, cfg_schedule)
+
+
+def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-    _check_student_options(config, sampler, steps, cfg_scale, cfg_schedule)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**64 - 1] (what a torch generator takes), got {seed}")
 
 
 def _check_student_options(config, sampler, steps, cfg_scale, cfg_schedule) -> None:
@@ -383,13 +393,18 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
     batch = text.shape[0]
     for name, x in (("image", image), ("history", history), ("robot_id", robot_id)):
         _check_batched(name, x, batch)
+    check_robot_id(config, robot_id, batch, device, read_values=False)  # values: in check_values below
+    if uncond_text is not None:
+        check_text("uncond_text", uncond_text, (batch, 1), config, dtype, device)
+    # values once here (one sync on an accelerator); the forwards of the loop then read none back
+    check_values({"text": text, "uncond_text": uncond_text, "image": image, "history": history},
+                 robot_id, config.num_robots)
 
     guided = uses_guidance(cfg_scale, cfg_schedule)
     if guided:
         if uncond_text is None:
             uncond_text = torch.zeros_like(text)
         else:
-            check_text("uncond_text", uncond_text, (batch, 1), config, dtype, device)
             uncond_text = uncond_text.expand_as(text)
         text = torch.cat((text, uncond_text))
         image, history, robot_id = (None if x is None else torch.cat((x, x)) for x in (image, history, robot_id))
@@ -422,6 +437,7 @@ def initial_noise(noise, video_shape, action_shape, generator) -> Tuple[torch.Te
             raise ValueError(f"noise: the {name} noise must have shape {tuple(shape)}, got {tuple(x.shape)}")
         if x.dtype != torch.float32:
             raise TypeError(f"noise: the {name} noise must be float32 (the sampler state's dtype), got {x.dtype}")
+    check_values({"noise (video)": noise[0], "noise (actions)": noise[1]})
     return noise[0], noise[1]
 
 
@@ -451,18 +467,19 @@ def run_sampler(forward, config, batch: int, device, dtype, *, sampler: str, ste
     size = step_size_for(config, steps)
     # one tensor for every step: the step size is the same at each step of a fixed-grid sampler
     step_size = None if size is None else torch.full((rows * batch,), size, device=device, dtype=torch.float32)
-    for i, t in enumerate(solver.timesteps):
-        x_in = x.to(dtype).repeat(rows, 1)
-        timestep = torch.full((rows * batch,), t, device=device, dtype=torch.float32)
-        video_out, action_out = forward(x_in[:, :video_size].reshape((rows * batch,) + video_shape[1:]),
-                                        x_in[:, video_size:].reshape((rows * batch,) + action_shape[1:]), timestep,
-                                        step_size)
-        out = torch.cat((video_out.flatten(1), action_out.flatten(1)), dim=1).float()
-        if guided:
-            cond, uncond = out.chunk(2)
-            scale = guidance_scale(cfg_scale, cfg_schedule, t, config.num_train_timesteps)
-            out = uncond + scale * (cond - uncond)
-        x = solver.step(i, x, out)
+    with inputs_checked():  # the grid is in range by construction; the callers checked their inputs
+        for i, t in enumerate(solver.timesteps):
+            x_in = x.to(dtype).repeat(rows, 1)
+            timestep = torch.full((rows * batch,), t, device=device, dtype=torch.float32)
+            video_out, action_out = forward(x_in[:, :video_size].reshape((rows * batch,) + video_shape[1:]),
+                                            x_in[:, video_size:].reshape((rows * batch,) + action_shape[1:]), timestep,
+                                            step_size)
+            out = torch.cat((video_out.flatten(1), action_out.flatten(1)), dim=1).float()
+            if guided:
+                cond, uncond = out.chunk(2)
+                scale = guidance_scale(cfg_scale, cfg_schedule, t, config.num_train_timesteps)
+                out = uncond + scale * (cond - uncond)
+            x = solver.step(i, x, out)
 
     return ActionChunk(actions=x[:, video_size:].reshape(action_shape), video=x[:, :video_size].reshape(video_shape),
                        sampler=sampler, steps=steps, nfe=steps * rows)

@@ -1,8 +1,16 @@
-"""Input checks for WAMTransformer.forward: every refusal says what was expected and what came."""
+"""Input checks for WAMTransformer.forward: every refusal says what was expected and what came.
+
+Metadata (shapes, dtypes, devices) is always checked. Values (timesteps in range, robot ids in range)
+are read only where the tensor comes from the user: a direct forward call. ``sample`` and ``WAMPolicy``
+check their inputs once at entry (``check_values``) and run their per-step forwards inside
+``inputs_checked()``, so the captured / compiled per-step path reads nothing back to the host.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
 
 import torch
 
@@ -28,14 +36,75 @@ def check_tensor(name: str, t, expected_shape, dtype, device) -> None:
         raise ValueError(f"{name} is on {t.device} but the model is on {device}; move them to one device")
 
 
-def check_robot_id(config, robot_id, batch: int, device) -> None:
-    """robot_id: (batch,) integer tensor when config.num_robots > 0, else None."""
+_checked = threading.local()  # per thread: how deep we are in inputs_checked() blocks
+
+
+@contextlib.contextmanager
+def inputs_checked():
+    """Inside this block forwards read no tensor values: the caller checked its inputs at entry
+    and builds the timesteps in range itself (the samplers' grids), so no step syncs the device."""
+    depth = getattr(_checked, "depth", 0)
+    _checked.depth = depth + 1
+    try:
+        yield
+    finally:
+        _checked.depth = depth
+
+
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether a forward should check the values of the user's tensor ``t``: not inside
+    ``inputs_checked()``, not while torch.compile traces (a data-dependent branch breaks the graph) nor
+    while a CUDA graph captures (a read-back is illegal there). On an accelerator the check costs one sync."""
+    if torch.compiler.is_compiling() or getattr(_checked, "depth", 0) or t.device.type == "meta":
+        return False  # (a meta tensor, as the FLOP projection traces, has no values)
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _value_summary(t: torch.Tensor) -> str:
+    """min, max and NaN count of a tensor, for error messages (a batch can be too long to print)."""
+    finite = t[~t.isnan()] if t.is_floating_point() else t
+    nan = t.numel() - finite.numel()
+    span = f"min {finite.min().item()}, max {finite.max().item()}" if finite.numel() else "no numbers"
+    return f"{span}{f', {nan} NaN' if nan else ''} (shape {tuple(t.shape)})"
+
+
+def _robot_ids_in_range(robot_id: torch.Tensor, num_robots: int) -> torch.Tensor:
+    return ((robot_id >= 0) & (robot_id < num_robots)).all()
+
+
+def _robot_id_error(robot_id: torch.Tensor, num_robots: int) -> ValueError:
+    return ValueError(f"robot_id values must be in [0, {num_robots}) (config.num_robots), got {_value_summary(robot_id)}")
+
+
+def check_values(finite: dict, robot_id=None, num_robots: int = 0) -> None:
+    """Refuse non-finite values in ``finite`` (name -> tensor or None) and robot ids outside
+    [0, num_robots). Reads values: all checks are fused into ONE reduction and one host read-back
+    (one device sync on an accelerator), so it runs at public entries, never in the per-step path."""
+    present = {name: t for name, t in finite.items() if t is not None and t.device.type != "meta"}  # no values
+    checks = [torch.isfinite(t).all() for t in present.values()]
+    if robot_id is not None and num_robots and robot_id.device.type != "meta":
+        checks.append(_robot_ids_in_range(robot_id, num_robots))
+    if not checks or bool(torch.stack(checks).all()):
+        return
+    for name, t in present.items():  # error path only: say which input and what is wrong
+        if not bool(torch.isfinite(t).all()):
+            nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
+            raise ValueError(f"{name} has non-finite values ({nan} NaN, {inf} inf of {t.numel()}); refused, as "
+                             f"they would make the whole output NaN")
+    raise _robot_id_error(robot_id, num_robots)
+
+
+def check_robot_id(config, robot_id, batch: int, device, read_values: bool = True) -> None:
+    """robot_id: (batch,) integer tensor when config.num_robots > 0, else None; with ``read_values``
+    (and ``reads_values``), its ids in [0, num_robots). ``read_values=False``: the caller checks them."""
     if config.num_robots:
         if robot_id is None:
             raise ValueError(f"this model has a robot-id embedding ({config.num_robots} robots): pass robot_id (B,)")
         check_tensor("robot_id", robot_id, (batch,), None, device)
         if robot_id.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"robot_id must be an integer tensor, got {robot_id.dtype}")
+        if read_values and reads_values(robot_id) and not bool(_robot_ids_in_range(robot_id, config.num_robots)):
+            raise _robot_id_error(robot_id, config.num_robots)
     elif robot_id is not None:
         raise ValueError("robot_id given but the model has no robot-id embedding (config.num_robots == 0)")
 
@@ -111,7 +180,7 @@ def check_forward_inputs(model, video, text, actions, timestep, image, history, 
 
 
 def _segment_timesteps(timestep, layout: SegmentLayout, batch: int, device, num_train_timesteps: int):
-    # Only metadata is checked for tensors: reading values would sync the GPU on every forward.
+    # [0, T] closed: a flow-matching sampler starts at t = T (s = 1); NaN fails both comparisons.
     if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
         if not 0 <= timestep <= num_train_timesteps:
             raise ValueError(f"timestep must lie in [0, {num_train_timesteps}], got {timestep}")
@@ -123,6 +192,10 @@ def _segment_timesteps(timestep, layout: SegmentLayout, batch: int, device, num_
     if timestep.device != device:
         raise ValueError(f"timestep is on {timestep.device} but the model is on {device}")
     timestep = timestep.float()
+    # values of a user's tensor (one sync on an accelerator); sample / WAMPolicy build theirs in range
+    if reads_values(timestep) and not bool(((timestep >= 0) & (timestep <= num_train_timesteps)).all()):
+        raise ValueError(f"timestep values must lie in [0, {num_train_timesteps}] (num_train_timesteps) and not be "
+                         f"NaN, got {_value_summary(timestep)}")
     s = layout.num_segments
     if timestep.dim() == 0:
         timestep = timestep.expand(batch)

@@ -86,6 +86,8 @@ def check_modulation_inputs(op: str, x: torch.Tensor, x_name: str, tables: dict,
     """Checks shared by the two public functions; returns normalized (segments, mod_index) lists."""
     check_tensor(op, x_name, x, ndim=3)
     B, N, D = x.shape
+    if D == 0:  # a norm over zero features is undefined (and the kernels' block sizes divide by D)
+        raise ValueError(f"wam_fast.ops.{op}: {x_name} must have a hidden dim D >= 1, got shape {tuple(x.shape)}")
     first = next(iter(tables.values()))
     for name, t in tables.items():
         check_tensor(op, name, t, ndim=3)
