@@ -87,9 +87,11 @@ if __name__ == "__main__":
         ],
         extras_require={
             # diffusers: the CogVideoX equivalence test; metaworld: the smoke run of python -m wam_fast.eval
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "transformers", "matplotlib", "metaworld", "packaging"],
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "transformers", "matplotlib", "metaworld",
+                     "packaging", "websockets>=13", "msgpack"],
             "diffusers": ["diffusers"],
             "pipeline": ["transformers", "diffusers"],  # wam_fast.WAMPipeline: T5 text encoder, CogVideoX VAE
+            "serve": ["transformers", "diffusers", "websockets>=13", "msgpack"],  # python -m wam_fast.serve
             "bench": ["matplotlib"],  # the PNG chart of python -m wam_fast.bench
             "sim": ["metaworld", "packaging", "matplotlib"],  # python -m wam_fast.eval (Meta-World)
             "flash": ["flash-attn"],

@@ -31,7 +31,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("compiler", ("wam_fast.compiler",)),
     ("pipeline", ("wam_fast.pipeline",)),  # pixels -> actions: frame / text encoders around a WAMPolicy
     ("distill", ("wam_fast.distill",)),
-    ("clis", ("wam_fast.bench", "wam_fast.info", "wam_fast.eval")),
+    ("clis", ("wam_fast.bench", "wam_fast.info", "wam_fast.eval", "wam_fast.serve")),
 ]
 # The compiled extension's name is fixed by setup.py; only the ops' registry loads it.
 ALLOWED_PRIVATE = {("wam_fast.ops.registry", "wam_fast._C")}

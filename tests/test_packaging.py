@@ -121,9 +121,10 @@ def test_readme_quickstart_matches_ci():
     assert len(commands) == 2 and all("\n" not in c for c in commands), commands
     bench, tests = commands
     assert bench.endswith("python -m wam_fast.bench")
-    install, test_cmd = tests.split(" && ")
+    install, client, test_cmd = tests.split(" && ")
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
     lines = ci.splitlines()
     assert install in lines, f"CI does not run the README install {install!r}"
+    assert client == "pip install --no-deps openpi-client" and client in lines
     assert any(line == test_cmd or line.startswith(test_cmd + " ||") for line in lines), \
         f"CI does not run the README test command {test_cmd!r}"

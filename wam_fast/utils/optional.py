@@ -22,6 +22,10 @@ OPTIONAL_PACKAGES = {
                      "install": "pip install nvidia-ml-py"},
     "matplotlib": {"module": "matplotlib", "use": "charts of bench and eval results",
                    "install": 'pip install matplotlib (or pip install "wam_fast[bench]")'},
+    "websockets": {"module": "websockets", "use": "the policy server (python -m wam_fast.serve)",
+                   "install": 'pip install "wam_fast[serve]"'},
+    "msgpack": {"module": "msgpack", "use": "the policy server's wire format (msgpack + numpy)",
+                "install": 'pip install "wam_fast[serve]"'},
     "triton": {"module": "triton", "use": "Triton kernels", "install": "pip install triton; Linux x86-64"},
 }
 

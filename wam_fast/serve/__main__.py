@@ -1,0 +1,5 @@
+import sys
+
+from wam_fast.serve.cli import main
+
+sys.exit(main())
