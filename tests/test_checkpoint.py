@@ -15,7 +15,7 @@ def test_round_trip_is_exact(tmp_path, dtype):
     cfg = wam_fast.configs.get("tiny", mask="temporal", history_frames=2, num_robots=2)
     model = wam_fast.WAMTransformer(cfg).to(dtype)
     model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["checksums.json", "config.json", "model.safetensors"]
     loaded = wam_fast.WAMTransformer.from_pretrained(tmp_path / "ckpt")
     assert loaded.config == cfg
     for (name, a), (name_b, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -61,7 +61,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         wam_fast.save_pretrained(new, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp file left
+    assert sorted(os.listdir(tmp_path)) == ["checksums.json", "config.json", "model.safetensors"]  # no temp file
     monkeypatch.undo()
     loaded = wam_fast.load_pretrained(tmp_path)
     for a, b in zip(old.state_dict().values(), loaded.state_dict().values()):

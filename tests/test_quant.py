@@ -352,7 +352,7 @@ def test_save_load_wam_exact(tmp_path, mode):
         fused.fuse(model)
         quant.quantize_fp8(model)
     quant.save_quantized(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == ["checksums.json", "config.json", "model.safetensors"]  # no temporary files left
     loaded = quant.load_quantized(tmp_path)  # rebuilt from the stored config; no calibration data
     _assert_same_state(model, loaded)
     assert {n: type(m) for n, m in loaded.named_modules() if type(m).__module__ == "wam_fast.quant"} == \

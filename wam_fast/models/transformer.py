@@ -483,6 +483,7 @@ def save_pretrained(model: WAMTransformer, directory) -> Path:
     return checkpoint.write_checkpoint(model, directory)
 
 
-def load_pretrained(directory, device=None, dtype=None) -> WAMTransformer:
-    """Load a WAMTransformer saved by ``save_pretrained`` (on ``device``, cast to ``dtype`` if given)."""
-    return checkpoint.read_checkpoint(directory, WAMTransformer, device=device, dtype=dtype)
+def load_pretrained(directory, device=None, dtype=None, verify: bool = True) -> WAMTransformer:
+    """Load a WAMTransformer saved by ``save_pretrained`` (on ``device``, cast to ``dtype`` if given).
+    ``verify`` (default): check the files against their sha256 in checksums.json first."""
+    return checkpoint.read_checkpoint(directory, WAMTransformer, device=device, dtype=dtype, verify=verify)

@@ -10,10 +10,12 @@ import torch
 import torch.nn as nn
 
 from wam_fast.configs import WAMConfig
-from wam_fast.models.checkpoint import CONFIG_NAME, FORMAT_KEY, FORMAT_VERSION, WEIGHTS_NAME
+from wam_fast.models.checkpoint import (CONFIG_NAME, FORMAT_KEY, FORMAT_VERSION, WEIGHTS_NAME, check_layers,
+                                       read_header, read_json)
 from wam_fast.models.transformer import WAMTransformer
 from wam_fast.quant.linear import FP8_MODULE_TYPES, FP8Linear
 from wam_fast.quant.quantize import fp8_layers
+from wam_fast.utils.checksums import verify_checksums, write_checksums
 from wam_fast.utils.files import atomic_write
 from wam_fast.utils.modules import retype, set_submodule
 
@@ -54,25 +56,26 @@ def save_quantized(model: nn.Module, directory: Union[str, Path]) -> Path:
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     if config_json is not None:
         atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n"))
+    write_checksums(directory, [WEIGHTS_NAME] + ([CONFIG_NAME] if config_json is not None else []))
     return directory
 
 
 def load_quantized(directory: Union[str, Path], model: Optional[nn.Module] = None,
-                   device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+                   device: Optional[Union[str, torch.device]] = None, verify: bool = True) -> nn.Module:
     """Load a model written by ``save_quantized``: the same FP8 codes, scales and calibrated input
     scales, bit for bit (no calibration data). A WAMTransformer is rebuilt from the stored config;
     any other model needs ``model``: the high-precision module it was quantized from (weights are
-    replaced, so a meta-device build is enough)."""
+    replaced, so a meta-device build is enough). ``verify``: check the files against checksums.json first."""
     import safetensors.torch  # on first use: importing the models stays light
-    from safetensors import safe_open
 
     directory = Path(directory)
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} not found (a quantized checkpoint directory written by "
                                 f"wam_fast.quant.save_quantized)")
-    with safe_open(str(weights_path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    if verify:
+        verify_checksums(directory, [WEIGHTS_NAME] + ([CONFIG_NAME] if (directory / CONFIG_NAME).is_file() else []))
+    names, metadata = read_header(weights_path)
     if metadata.get(FORMAT_KEY) != FORMAT_VERSION or QUANT_KEY not in metadata:
         raise ValueError(f"{weights_path} is not a quantized wam_fast checkpoint (no {QUANT_KEY!r} metadata); "
                          f"load a high-precision checkpoint with wam_fast.load_pretrained")
@@ -84,9 +87,10 @@ def load_quantized(directory: Union[str, Path], model: Optional[nn.Module] = Non
             raise ValueError(f"{weights_path} holds a quantized model that is not a WAMTransformer: pass the "
                              f"high-precision model it came from as model=")
         config_path = directory / CONFIG_NAME
-        if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(metadata["config"]):
+        if config_path.is_file() and read_json(config_path) != json.loads(metadata["config"]):
             raise ValueError(f"{config_path} does not match the config stored in {weights_path} "
                              "(an interrupted save or a hand-edited file); re-save the checkpoint")
+        check_layers(weights_path, names, json.loads(metadata["config"]))
         with torch.device("meta"):
             model = WAMTransformer(WAMConfig.from_dict(json.loads(metadata["config"])))
     device = torch.device(device) if device is not None else torch.device("cpu")
