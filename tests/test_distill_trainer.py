@@ -220,6 +220,29 @@ def test_torn_checkpoint_is_ignored_and_removed(tmp_path):
     _assert_files_equal(run / "final" / "model.safetensors", reference.final / "model.safetensors")
 
 
+def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, caplog):
+    """A flipped bit in the newest checkpoint: resume says so, uses the older intact one and ends exactly
+    where an uninterrupted run does; with every checkpoint damaged it refuses instead of starting over."""
+    reference = _mlp_run(tmp_path / "reference", steps=6)
+    run = tmp_path / "run"
+    _mlp_run(run, steps=4, keep_checkpoints=3)
+    model_file = _ckpt(run, 4) / ts.MODEL_FILE
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0x01
+    model_file.write_bytes(bytes(data))
+    assert "does not match its sha256" in ts.checkpoint_damage(_ckpt(run, 4))
+    with caplog.at_level("WARNING"):
+        result = _mlp_run(run, steps=6, keep_checkpoints=3)
+    assert result.resumed_from == 2
+    assert any("not resuming from" in r.getMessage() and "step-00000004" in r.getMessage() for r in caplog.records)
+    _assert_files_equal(run / "final" / "model.safetensors", reference.final / "model.safetensors")
+    for step in (2, 4, 6):
+        state = _ckpt(run, step) / ts.STATE_NAME
+        state.write_text(state.read_text()[:20])  # torn JSON everywhere
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        _mlp_run(run, steps=8, keep_checkpoints=3)
+
+
 # ---- the arithmetic of a step ------------------------------------------------------------------
 def test_grad_accumulation_matches_one_micro_batch(tmp_path):
     """A global batch of 8 as 1 x 8 and as 4 x 2 micro-batches: the same weights (the loss of each

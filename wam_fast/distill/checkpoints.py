@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -22,6 +23,7 @@ from wam_fast.models.transformer import WAMTransformer, save_pretrained
 from wam_fast.utils.files import atomic_write
 
 FINAL_DIR, FINAL_ONLINE_DIR = "final", "final-online"
+logger = logging.getLogger("wam_fast.distill")
 
 
 # ---- resume: which checkpoint, and does it fit --------------------------------------------------
@@ -64,13 +66,24 @@ def json_safe(value):
 
 def plan_resume(out_dir: Path, resume: bool, config: TrainConfig, model: nn.Module,
                 dataset_len: int) -> Tuple[Optional[Path], Optional[str]]:
-    """(checkpoint to resume from or None, error message or None) for a run into ``out_dir``."""
-    checkpoint = ts.latest_checkpoint(out_dir)
-    if checkpoint is None:
+    """(checkpoint to resume from or None, error message or None) for a run into ``out_dir``. Damaged
+    checkpoints (unreadable state, a file off its sha256) are skipped for the newest intact one, each with a
+    log line; if none is intact the run refuses rather than start over on top of them."""
+    newest = ts.latest_checkpoint(out_dir)
+    if newest is None:
         return None, None
     if not resume:
-        return None, (f"{out_dir} already holds a run (checkpoint {checkpoint.name}) and "
+        return None, (f"{out_dir} already holds a run (checkpoint {newest.name}) and "
                       "resume=False: choose another out_dir, or resume it")
+    checkpoint, skipped = ts.latest_intact_checkpoint(out_dir)
+    for directory, why in skipped:
+        logger.warning("not resuming from %s: %s", directory, why)
+    if checkpoint is None:
+        return None, (f"every checkpoint in {out_dir / ts.CHECKPOINTS_DIR} is damaged ("
+                      + "; ".join(why for _, why in skipped) + "): restore them from a copy, or start the run "
+                      "in another out_dir")
+    if skipped:
+        logger.warning("resuming from %s, the newest intact checkpoint", checkpoint)
     try:
         state = ts.read_state(checkpoint)
     except ValueError as exc:

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from wam_fast.utils.checksums import file_sha256
 from wam_fast.utils.files import atomic_write, fsync_dir, plain_mode
 
 logger = logging.getLogger("wam_fast.distill")
@@ -89,6 +90,34 @@ def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def checkpoint_damage(directory: PathLike) -> Optional[str]:
+    """None when ``directory``'s state.json reads and every file matches its sha256 there, else why not.
+    (A checkpoint written before checksums has none to check: only its state is read.)"""
+    directory = Path(directory)
+    try:
+        state = read_state(directory)
+    except ValueError as exc:
+        return str(exc)
+    for file_name, digest in (state.get("sha256") or {}).items():
+        path = directory / file_name
+        if not path.is_file():
+            return f"{path} is missing"
+        if file_sha256(path) != digest:
+            return f"{path} does not match its sha256 in {STATE_NAME} (damaged or changed after the save)"
+    return None
+
+
+def latest_intact_checkpoint(out_dir: PathLike) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """The newest checkpoint that passes ``checkpoint_damage`` (or None), and the newer ones skipped, with why."""
+    skipped = []
+    for _, directory in reversed(list_checkpoints(out_dir)):
+        why = checkpoint_damage(directory)
+        if why is None:
+            return directory, skipped
+        skipped.append((directory, why))
+    return None, skipped
+
+
 # ---- writing -----------------------------------------------------------------------------------
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
@@ -118,6 +147,8 @@ def write_checkpoint(out_dir: PathLike, step: int, tensors: Dict[str, Dict[str, 
                       metadata={"format": FORMAT, "step": str(step)})
             os.chmod(path, plain_mode(0o666))  # safetensors writes 0o600
             _fsync_file(path)
+        # the files' sha256 go into state.json: a flipped bit is found before a resume loads it
+        state = {**state, "sha256": {file_name: file_sha256(tmp / file_name) for file_name in tensors}}
         state_path = tmp / STATE_NAME  # written last: its presence marks a complete directory
         state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         _fsync_file(state_path)
