@@ -73,8 +73,10 @@ def test_mismatched_config_and_weights_are_refused(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["num_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="does not match the config stored"):
+    with pytest.raises(ValueError, match=r"config\.json does not match its checksum"):
         wam_fast.load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match the config stored"):  # caught without checksums too
+        wam_fast.load_pretrained(tmp_path, verify=False)
 
 
 def test_missing_files_and_foreign_safetensors_are_refused(tmp_path):
