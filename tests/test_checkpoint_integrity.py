@@ -89,3 +89,44 @@ def test_torn_files_name_the_path(saved):
     (ckpt / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
         wam_fast.load_pretrained(ckpt, verify=False)
+
+
+# ---- one run per output directory (wam_fast.utils.run_lock) ---------------------------------------------------
+def test_run_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, caplog):
+    import socket
+    import subprocess
+    import sys
+
+    from wam_fast.utils.run_lock import LOCK_NAME, RunLockedError, run_lock
+
+    with run_lock(tmp_path / "out") as lock:
+        owner = json.loads(lock.read_text())
+        assert owner["pid"] == os.getpid()
+        with pytest.raises(RunLockedError, match=f"in use by another run \\(pid {os.getpid()} on"):
+            with run_lock(tmp_path / "out"):
+                pass
+    assert not (tmp_path / "out" / LOCK_NAME).exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "out" / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                          "started": "earlier"}))
+    with caplog.at_level(logging.WARNING), run_lock(tmp_path / "out"):
+        pass
+    assert any("no longer running" in r.getMessage() for r in caplog.records)
+    (tmp_path / "out" / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-host", "started": "now"}))
+    with pytest.raises(RunLockedError, match="another-host"):  # never assumed stale across hosts
+        with run_lock(tmp_path / "out"):
+            pass
+
+
+def test_training_holds_the_lock(tmp_path):
+    from wam_fast.distill import trainer
+    from wam_fast.utils.run_lock import LOCK_NAME, RunLockedError
+
+    import distill_worker as worker
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-host", "started": "now"}))
+    config = trainer.TrainConfig(steps=2, batch_size=8, progress=False, tensorboard=False, device="cpu")
+    with pytest.raises(RunLockedError, match="another-host"):
+        trainer.train(worker.MLP(), worker.Regression(), worker.regression_dataset(), config, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]  # nothing written

@@ -24,6 +24,7 @@ from wam_fast.distill.rollout import teacher_rollout
 from wam_fast.models.transformer import load_pretrained
 from wam_fast.sampling import default_options
 from wam_fast.utils.files import atomic_write
+from wam_fast.utils.run_lock import RunLockedError
 
 METHODS = ("shortcut", "consistency")
 MASKS = ("temporal", "full")
@@ -48,7 +49,7 @@ def _checking(what: str):
         yield
     except CLIError:
         raise
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, RunLockedError) as error:
         raise CLIError(f"{what}: {one_line(error)}") from None
 
 
@@ -307,7 +308,8 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
         say(f"distilling {tc.name!r} ({tc.mask} mask) into a {method} student ({mask} mask, steps "
              f"{','.join(map(str, steps))}, guidance {float(cfg_scale):g} baked in): {train_steps} steps of "
              f"{batch_size} on {len(train_rows)} samples, {eval_conditions} held out; output in {out}")
-        result = trainer.train(student, objective, Rows(train_data, train_rows), train_config, out)
+        with _checking(f"training into {out}"):  # a run already in out, a damaged or different checkpoint
+            result = trainer.train(student, objective, Rows(train_data, train_rows), train_config, out)
     finally:
         if made_group:
             torch.distributed.destroy_process_group()

@@ -67,6 +67,7 @@ from wam_fast.distill.ema import EMAUpdate
 from wam_fast.distill.metrics import RESERVED_METRICS, TENSORBOARD_DIR, MetricsLog
 from wam_fast.distill.train_config import (LR_SCHEDULES, PARALLEL_MODES, PRECISIONS, RESUMABLE_FIELDS,
                                            TrainConfig)
+from wam_fast.utils.run_lock import run_lock
 
 # The trainer's public names, some defined in the modules below it (callers use ``trainer.<name>``).
 __all__ = ["train", "TrainConfig", "TrainResult", "BatchPlan", "PRECISIONS", "LR_SCHEDULES", "PARALLEL_MODES",
@@ -182,7 +183,9 @@ def train(model: nn.Module, objective, dataset, config: TrainConfig, out_dir: Un
     _check_arguments(model, objective, dataset, config)
     dist_info = setup_distributed(config.parallel, config.device)
     try:
-        return _Run(model, objective, dataset, config, Path(out_dir), resume, dist_info).run()
+        # one run per out_dir: rank 0 holds the lock (the ranks of one run share it)
+        with run_lock(Path(out_dir)) if dist_info.rank == 0 else contextlib.nullcontext():
+            return _Run(model, objective, dataset, config, Path(out_dir), resume, dist_info).run()
     finally:
         if dist_info.created_group:
             torch.distributed.destroy_process_group()
