@@ -570,3 +570,28 @@ def test_rollout_bf16_teacher_writes_float32_targets(tmp_path):
     ds = LatentDataset(teacher_rollout(teacher, conditions, tmp_path / "out", steps=2))
     assert ds.fields["actions"].dtype == torch.float32 and ds.fields["text"].dtype == torch.float32
     assert bool(torch.isfinite(ds.get(torch.arange(3))["future"]).all())
+
+
+def test_non_finite_values_in_a_shard_are_named_when_opened(tmp_path):
+    """A NaN that got into a shard after it was written (the writer refuses them) is found when the distill
+    CLI opens the dataset, naming the shard, the field and the sample, not as a diverged training."""
+    import struct
+
+    from wam_fast.distill.commands import CLIError, open_dataset
+
+    path = write_dataset(tmp_path / "ds", random_tensors(7), shard_size=3)
+    LatentDataset(path).check_finite()  # clean
+    shard = sorted(path.glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())  # in place: same size, a valid file, one float32 NaN
+    header_len = struct.unpack("<Q", data[:8])[0]
+    entry = json.loads(data[8:8 + header_len])["actions"]
+    assert entry["dtype"] == "F32"
+    k, a = entry["shape"][1:]
+    at = 8 + header_len + entry["data_offsets"][0] + 4 * (2 * k * a + 1)  # sample 2, step 0, dim 1
+    data[at:at + 4] = struct.pack("<f", float("nan"))
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"shard .*{shard.name}: field 'actions' has NaN or inf values in 1 of 3 "
+                                         r"samples \(first: sample 2 of the shard, 5 of the dataset\)"):
+        LatentDataset(path).check_finite()
+    with pytest.raises(CLIError, match="field 'actions' has NaN or inf"):
+        open_dataset(path)

@@ -108,7 +108,9 @@ def open_dataset(path, what: str = "--data"):
     if path is None:
         raise CLIError(f"{what}: no dataset directory given")
     with _checking(f"{what} {path}"):
-        return LatentDataset(path)
+        dataset = LatentDataset(path)
+        dataset.check_finite()  # one read of the data: a NaN is named here, not found as a diverged run
+        return dataset
 
 
 def _check_data_fits(dataset, config, what: str = "--data") -> None:

@@ -127,6 +127,23 @@ class LatentDataset:
         if verify and "sha256" in shard and file_sha256(path) != shard["sha256"]:
             raise ValueError(f"shard {path}: sha256 differs from the index: the file is corrupt")
 
+    def check_finite(self) -> None:
+        """Read every floating-point tensor of every shard once; ValueError naming the shard, the field and
+        the first bad sample when any value is NaN or inf (it would otherwise surface only as a diverged
+        training, on every resume alike)."""
+        for k, shard in enumerate(self._shards):
+            handle = self._open(k)
+            for name, field in self.fields.items():
+                if not field.dtype.is_floating_point:
+                    continue
+                values = handle.get_tensor(name)
+                bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+                if bool(bad.any()):
+                    first = int(bad.nonzero()[0, 0])
+                    raise ValueError(f"shard {self.directory / shard['file']}: field {name!r} has NaN or inf values "
+                                     f"in {int(bad.sum())} of {values.shape[0]} samples (first: sample {first} of "
+                                     f"the shard, {int(self._offsets[k]) + first} of the dataset); fix or drop them")
+
     def _open(self, k: int):
         if k in self._handles:
             self._handles.move_to_end(k)
