@@ -218,8 +218,8 @@ def test_cli_rejects_bad_options(capsys):
     assert "--rows nope-* matches no row" in capsys.readouterr().err
     for argv, message in ((["--steps", "0"], "step counts must be ints >= 1"),
                           (["--steps", "4,x"], "expected step counts like 4,2,1"),
-                          (["--repeats", "0"], "--repeats must be >= 1"),
-                          (["--warmup", "-1"], "--warmup must be >= 0")):
+                          (["--repeats", "0"], "--repeats: must be >= 1"),
+                          (["--warmup", "-1"], "--warmup: must be >= 0")):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv

@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from wam_fast import configs
+from wam_fast.utils.cli import OneLineParser, non_negative_int, output_file, positive_int, torch_device
 from wam_fast.utils.environment import environment, versions
 from wam_fast.bench.accounting import accounting, vae_encoder_cost, weight_accounting
 from wam_fast.bench.ceilings import FLOOR_NOTE, design_ceilings, measure_ceilings
@@ -35,14 +36,14 @@ def _int_list(text: str) -> List[int]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m wam_fast.bench",
         description="Latency per action chunk: the eager baselines (released: DPM++ 50 steps + dynamic CFG; "
                     "paper: DDIM 10 steps + CFG) vs wam_fast (shortcut student, 4/2/1 steps, bf16/FP8, KV cache "
                     "on/off, compiled). Random weights: latency does not depend on weight values.")
     parser.add_argument("--workload", choices=configs.names(),
                         help="default: videovla-5b (W1) on a GPU, tiny on CPU; videovla-5b-sim is W2")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=torch_device, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on CPU")
     parser.add_argument("--rows", type=lambda s: [p for p in s.split(",") if p],
                         help="comma-separated row names or globs, e.g. 'paper-baseline,wam_fast-*-cache' "
@@ -52,13 +53,13 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=("inductor", "eager"),
                         help="wam_fast.compile backend (default: inductor on a GPU, eager on CPU, where a "
                              "first torch.compile costs ~25 s per shape)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=30, help="timed chunks per row after warm-up (default 30)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=30, help="timed chunks per row after warm-up (default 30)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--chart", metavar="PATH",
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="write the results as JSON")
+    parser.add_argument("--chart", metavar="PATH", type=output_file,
                         help="draw the table as a PNG (default: the --json path with .png; off without --json)")
     parser.add_argument("--no-chart", action="store_true", help="draw no chart")
     parser.add_argument("--ceiling", choices=("measured", "design"), default="measured",
@@ -78,12 +79,7 @@ def parse_args(argv=None):
                              "diffusers and transformers)")
     parser.add_argument("--allow-cpu-large", action="store_true",
                         help="run a multi-billion-parameter workload on CPU anyway")
-    args = parser.parse_args(argv)
-    for name in ("batch", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    args = parser.parse_args(argv)  # the int ranges and output paths are checked by their types
     return parser, args
 
 

@@ -39,6 +39,7 @@ from wam_fast.eval.results import environment
 from wam_fast.eval.pipeline_policy import build_pipeline
 from wam_fast.eval.rollout import run_episodes, wilson_interval
 from wam_fast.eval.settings import Settings, model_config
+from wam_fast.utils.cli import OneLineParser, output_file
 
 
 def first_action_spread(act_first: Callable[[np.ndarray], np.ndarray], task: str, *, layouts: int = 50,
@@ -226,7 +227,7 @@ def _demos_camera(demos: Optional[str]) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wam_fast.eval.diagnose", description=__doc__,
+    parser = OneLineParser(prog="python -m wam_fast.eval.diagnose", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, help="an MT1 task name, e.g. push-v3")
     parser.add_argument("--demos", help="a demos dataset of python -m wam_fast.eval (OUT/<task>/demos): "
@@ -244,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--episodes", type=int, default=30, help="closed-loop held-out episodes of the conv baseline")
     parser.add_argument("--layouts", type=int, default=50, help="held-out layouts of the first-action spread")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", help="write the report as JSON here (atomically)")
+    parser.add_argument("--out", type=output_file, help="write the report as JSON here (atomically)")
     args = parser.parse_args(argv)
     if not args.demos and not args.checkpoint:
         parser.error("nothing to measure: give --demos and/or --checkpoint")

@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from wam_fast.distill.commands import jsonable
+from wam_fast.utils.cli import OneLineParser, output_dir, positive_int
 from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import RESULTS_DIR, environment, markdown_table, plot, write_results
@@ -157,22 +158,23 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
 
 # ---- command line ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m wam_fast.eval",
         description="Meta-World MT1 fidelity: demonstrations from the scripted expert, a small WAM teacher, "
                     "shortcut and consistency students from python -m wam_fast.distill (temporal mask, KV "
-                    "cache, FP8), closed-loop success on held-out layouts with 95%% intervals and CPU latency. "
+                    "cache, FP8), closed-loop success on held-out layouts with 95% intervals and CPU latency. "
                     "Results: benchmarks/results/metaworld-<task>.json and .png. Re-running resumes.")
     parser.add_argument("--task", action="append", help="an MT1 task name (repeatable; default push-v3 and "
                         "drawer-open-v3)")
-    parser.add_argument("--out", default="wam_fast_metaworld", help="working directory (demos, checkpoints)")
-    parser.add_argument("--results", default=str(RESULTS_DIR), help="where the JSON and PNG go")
+    parser.add_argument("--out", default="wam_fast_metaworld", type=output_dir,
+                        help="working directory (demos, checkpoints)")
+    parser.add_argument("--results", default=str(RESULTS_DIR), type=output_dir, help="where the JSON and PNG go")
     parser.add_argument("--smoke", action="store_true", help="the CI version: 2 episodes, a few training steps")
-    parser.add_argument("--episodes", type=int, help="held-out episodes per model (default 50)")
+    parser.add_argument("--episodes", type=positive_int, help="held-out episodes per model (default 50)")
     parser.add_argument("--models", help=f"comma-separated rows (default all: {','.join(r.name for r in MODELS)})")
     parser.add_argument("--retime", action="store_true", help="only time the recorded rows again (latency at "
                         "batch 1, e.g. on an idle machine); success rates are kept")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the fastest per core "
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: the fastest per core "
                         "for this small model; run tasks in parallel processes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

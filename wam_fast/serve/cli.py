@@ -18,15 +18,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from wam_fast.serve.server import DEFAULT_MAX_REQUEST_MB, PolicyServer
+from wam_fast.utils.cli import OneLineParser
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (exit 2), without the whole usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def port(text: str) -> int:
