@@ -21,6 +21,7 @@ from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import autoencoder
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.settings import Settings, model_config
+from wam_fast.utils.checksums import CHECKSUMS_NAME
 
 logger = logging.getLogger("wam_fast.eval")
 
@@ -139,11 +140,11 @@ def distill_command(settings: Settings, teacher: Path, demos: Path, out: Path, m
 
 def _digest(directory: Path) -> str:
     """sha256 of a checkpoint's content: each safetensors file's tensors by name (a re-saved checkpoint may
-    order them differently), every other file's bytes."""
+    order them differently), every other file's bytes, except checksums.json (the hash of those bytes)."""
     from safetensors.torch import load_file
 
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(directory).iterdir() if p.is_file()):
+    for path in sorted(p for p in Path(directory).iterdir() if p.is_file() and p.name != CHECKSUMS_NAME):
         digest.update(path.name.encode() + b"\0")
         if path.suffix == ".safetensors":
             for name, tensor in sorted(load_file(str(path)).items()):
