@@ -56,6 +56,7 @@ sampling loop is captured by ``wam_fast.compiler.graphs``; a bare module gets th
 (``mode="reduce-overhead"``, or ``options={"triton.cudagraphs": True}``) on a CUDA device.
 """
 from wam_fast.compiler import session
+from wam_fast.compiler.causal import CausalKVCache
 from wam_fast.compiler.config import REL_TOLERANCE, CompileConfig
 from wam_fast.compiler.dispatch import (HANDLERS, capabilities, compile, from_cogvideox, handler_for,
                                         register_handler)
@@ -64,7 +65,7 @@ from wam_fast.compiler.report import CompileReport, compile_report
 from wam_fast.compiler.session import Session, compare_outputs, compile_kwargs, module_device
 from wam_fast.utils.modules import retype, set_submodule
 
-__all__ = ["CompileConfig", "CompileReport", "compile", "compile_report", "from_cogvideox", "register_handler",
+__all__ = ["CausalKVCache", "CompileConfig", "CompileReport", "compile", "compile_report", "from_cogvideox", "register_handler",
            "MultiheadAttention", "capabilities", "compare_outputs", "REL_TOLERANCE",
            # for handlers of other model types
            "HANDLERS", "handler_for", "Session", "compile_kwargs", "module_device", "retype", "set_submodule",
