@@ -7,6 +7,7 @@ the Meta-World autoencoder) and names the module that registers it, which the lo
 """
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 from typing import Dict, Tuple
@@ -44,7 +45,7 @@ def pixels_from_images(images: torch.Tensor, dtype: torch.dtype, device) -> torc
     return pixels.to(dtype).contiguous()
 
 
-class FrameEncoder:
+class FrameEncoder(abc.ABC):
     """Base of the frame encoders: ``name`` (registry key), ``image_size`` (H, W), ``latent_shape``
     (C, h, w), ``encode(pixels)``, ``save(directory)`` and ``load(directory, device, dtype)``."""
 
@@ -52,17 +53,20 @@ class FrameEncoder:
     module = "wam_fast.pipeline.encoders"  # the module whose import registers the class
     image_size: Tuple[int, int]
 
+    @abc.abstractmethod
     def latent_shape(self) -> Tuple[int, int, int]:
-        raise NotImplementedError
+        """(C, h, w) of one frame's latent."""
 
+    @abc.abstractmethod
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, 1, C, h, w) latents."""
 
     def to(self, device=None, dtype=None) -> "FrameEncoder":
         return self
 
+    @abc.abstractmethod
     def save(self, directory: Path) -> None:
-        raise NotImplementedError
+        """Write the encoder into ``directory`` (safetensors + JSON)."""
 
 
 @register_frame_encoder
