@@ -107,6 +107,8 @@ def run(clients: int, requests: int, timeout: float) -> dict:
     return {"clients": clients, "requests_per_client": requests, "requests": clients * requests,
             "errors": len(errors), "error_examples": errors[:5], "wall_s": wall,
             "throughput_rps": len(e2e) / wall, "end_to_end_ms": percentiles(e2e), "server_infer_ms": percentiles(server),
+            "raw": {"end_to_end_ms": [round(x, 3) for x in e2e], "server_infer_ms": [round(x, 3) for x in server],
+                    "server_rss_mib": [[round(t - samples[0][0], 2), round(m, 2)] for t, m in samples]},
             "server_rss_mib": {"first_quarter_peak": max(m for _, m in samples[:quarter]),
                                "second_quarter_peak": second, "last_quarter_peak": last, "peak": max(m for _, m in samples),
                                "samples": len(samples), "flat": flat,
