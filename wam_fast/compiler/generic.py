@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from wam_fast import ops
 from wam_fast.compiler import session as session_module  # attention_fn looked up per call (tests swap it)
 from wam_fast.compiler.config import SMALL_GEMM_FACTOR, CompileConfig
+from wam_fast.compiler.patterns import Fused, fuse_patterns, is_custom
 from wam_fast.compiler.report import CompileReport
 from wam_fast.compiler.session import Session, check_backend_available, compile_kwargs, module_device
 from wam_fast.ops.registry import note_fallback
@@ -94,11 +95,6 @@ def _mha_static_reasons(module: nn.MultiheadAttention) -> List[str]:
     return reasons
 
 
-def _is_custom(module: nn.Module) -> bool:
-    root = (type(module).__module__ or "").split(".")[0]
-    return root not in ("torch", "wam_fast")
-
-
 def compile_module(model: nn.Module, config: CompileConfig, filter_fn, report: CompileReport, example_inputs):
     """Any nn.Module: MultiheadAttention -> ops.attention, FP8 linears, torch.compile (+ CUDA graphs)."""
     if not isinstance(model, nn.Module):
@@ -108,8 +104,35 @@ def compile_module(model: nn.Module, config: CompileConfig, filter_fn, report: C
     compile_kwargs(config, device)  # mode / cuda_graphs conflicts raise here, before any change
     session = Session(model, config, filter_fn, report, example_inputs)
 
-    # attention modules
+    # FP8 linears
+    wanted = default_filter(model)
+    rows = session.linear_rows() if config.fp8 else {}
+    most = max(rows.values(), default=0)
+
+    def select(module: nn.Module, name: str) -> Optional[str]:
+        if name in fused.linears:
+            return "its weight is read by a fused GELU-linear pattern site (ops.ffn_gelu)"
+        if type(module) is not nn.Linear:
+            return f"{type(module).__name__} is an nn.Linear subclass (its owner may read .weight directly)"
+        if module.in_features % 16 or module.out_features % 16:
+            return (f"in/out features ({module.in_features}, {module.out_features}) are not multiples of 16 "
+                    f"(FP8 GEMM alignment)")
+        if not wanted(module, name):
+            return "outside the FP8 default filter (wam_fast.quant.default_filter)"
+        if name in rows and rows[name] * SMALL_GEMM_FACTOR <= most:
+            # a per-sample projection (AdaLN modulation, conditioning): no GEMM worth FP8, and its error
+            # would shift every token of the sample the same way
+            return (f"multiplies {rows[name]} rows on the example inputs where the token GEMMs take {most}: a "
+                    f"per-sample projection (e.g. AdaLN modulation); FP8 buys no time there and its error "
+                    f"would bias every token")
+        return None
+
+    # pattern sites in modules of the user's own, then nn.MultiheadAttention modules
+    fused = Fused(set(), set())
     if config.fused:
+        fused = fuse_patterns(session, lambda module, name: (
+            "fp8=True: this nn.Linear goes FP8 (an FP8 GEMM saves more than the fused GELU epilogue)"
+            if config.fp8 and select(module, name) is None else None))
         targets = []
         fast_path_children = {(f"{name}." if name else "") + child for name, m in model.named_modules()
                             if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
@@ -138,27 +161,6 @@ def compile_module(model: nn.Module, config: CompileConfig, filter_fn, report: C
     else:
         report.skip("fused", "fused=False: no module swapped for wam_fast ops")
 
-    # FP8 linears
-    wanted = default_filter(model)
-    rows = session.linear_rows() if config.fp8 else {}
-    most = max(rows.values(), default=0)
-
-    def select(module: nn.Module, name: str) -> Optional[str]:
-        if type(module) is not nn.Linear:
-            return f"{type(module).__name__} is an nn.Linear subclass (its owner may read .weight directly)"
-        if module.in_features % 16 or module.out_features % 16:
-            return (f"in/out features ({module.in_features}, {module.out_features}) are not multiples of 16 "
-                    f"(FP8 GEMM alignment)")
-        if not wanted(module, name):
-            return "outside the FP8 default filter (wam_fast.quant.default_filter)"
-        if name in rows and rows[name] * SMALL_GEMM_FACTOR <= most:
-            # a per-sample projection (AdaLN modulation, conditioning): no GEMM worth FP8, and its error
-            # would shift every token of the sample the same way
-            return (f"multiplies {rows[name]} rows on the example inputs where the token GEMMs take {most}: a "
-                    f"per-sample projection (e.g. AdaLN modulation); FP8 buys no time there and its error "
-                    f"would bias every token")
-        return None
-
     if config.fp8 and example_inputs is None:
         # a model of its own may read linear.weight directly (an FP8 weight then fails at run time) and its
         # end-to-end error under FP8 is unknown (6-15% seen on small models): never left unchecked
@@ -171,7 +173,7 @@ def compile_module(model: nn.Module, config: CompileConfig, filter_fn, report: C
         session.fp8(select)
 
     for name, module in model.named_modules():
-        if name and _is_custom(module):
+        if name and is_custom(module) and name not in fused.covered:
             report.skip(name, f"{type(module).__name__}: a module of its own, with no wam_fast twin: runs as written"
                               + ("" if config.backend == "eager" else " (torch.compile traces it)"))
     if config.cache:
