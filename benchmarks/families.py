@@ -333,3 +333,94 @@ FAMILIES = {
     "UVA (masked transformer + diffusion heads)": uva,
     "SuSIE (image-edit diffusion + goal policy)": susie,
 }
+
+
+# ---- the table ---------------------------------------------------------------------------------------------
+def median_ms(fn, reps: int, device: str) -> float:
+    with torch.no_grad():
+        for _ in range(3):  # warm-up (and the compile of a compiled model)
+            fn()
+        times = []
+        for _ in range(reps):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _leaves(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def worst_rel_error(a, b) -> float:
+    return max(((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(_leaves(a), _leaves(b)))
+
+
+def levers(report) -> str:
+    counts = {}
+    for _, what in report.applied:
+        for op in ("adaln_modulate", "gated_residual", "ffn_gelu", "attention"):
+            if f"wam_fast.ops.{op}" in what and "traced by" not in what:
+                counts[op] = counts.get(op, 0) + 1
+    fp8 = sum("FP8Linear" in what for _, what in report.applied)
+    parts = [f"{n} {op}" for op, n in counts.items()] + ([f"{fp8} FP8 linears"] if fp8 else [])
+    return ", ".join(parts) or "torch.compile only"
+
+
+def family_row(name: str, build, device: str, reps: int) -> dict:
+    import wam_fast
+    from wam_fast.compiler import CompileConfig, compile_report
+
+    torch.manual_seed(0)
+    eager, inputs = build()
+    eager = eager.eval().to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    plain, fast, fp8 = copy.deepcopy(eager), copy.deepcopy(eager), copy.deepcopy(eager)
+    plain.compile()
+    wam_fast.compile(fast, CompileConfig(backend="inductor"), example_inputs=inputs)
+    wam_fast.compile(fp8, CompileConfig(backend="eager", fp8=True), example_inputs=inputs)
+    with torch.no_grad():
+        want = eager(**inputs)
+        error, fp8_error = worst_rel_error(fast(**inputs), want), worst_rel_error(fp8(**inputs), want)
+    ms = {label: median_ms(lambda m=m: m(**inputs), reps, device)
+          for label, m in (("eager", eager), ("torch.compile", plain), ("wam_fast.compile", fast))}
+    return {"family": name, "levers": levers(compile_report(fast)), "fp8_levers": levers(compile_report(fp8)),
+            "ms": ms, "speedup_vs_eager": ms["eager"] / ms["wam_fast.compile"],
+            "speedup_vs_torch_compile": ms["torch.compile"] / ms["wam_fast.compile"],
+            "rel_error": error, "fp8_rel_error": fp8_error}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
+    args = parser.parse_args(argv)
+    from wam_fast.utils.environment import environment
+
+    env = environment(args.device)
+    print(json.dumps(env))
+    rows = [family_row(name, build, args.device, args.reps) for name, build in FAMILIES.items()]
+    print(f"| family | levers (fp32) | eager ms | torch.compile ms | wam_fast.compile ms | vs eager | "
+          f"vs torch.compile | rel. error | FP8 levers | FP8 rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['family']} | {r['levers']} | {r['ms']['eager']:.2f} | {r['ms']['torch.compile']:.2f} | "
+              f"{r['ms']['wam_fast.compile']:.2f} | {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_torch_compile']:.2f}x | "
+              f"{r['rel_error']:.1e} | {r['fp8_levers']} | {r['fp8_rel_error']:.1e} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "reps": args.reps, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

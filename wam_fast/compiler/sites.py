@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from wam_fast import ops
+from wam_fast.ops.attention import head_dim_reason
 from wam_fast.ops.registry import note_fallback
 
 FALLBACK = "pattern site (original expression)"
@@ -91,7 +92,7 @@ def attention_reasons(q, k, v, causal: bool) -> List[str]:
         reasons.append(f"fewer keys ({k.shape[2]}) than queries ({q.shape[2]})")
     elif causal and k.shape[2] != q.shape[2]:
         reasons.append("is_causal with a key count that differs from the query count")
-    why = ops.op_module("attention").head_dim_reason(q.shape[-1])
+    why = head_dim_reason(q.shape[-1])
     if why:
         reasons.append(why)
     return reasons
