@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -390,9 +391,20 @@ def family_row(name: str, build, device: str, reps: int) -> dict:
     with torch.no_grad():
         want = eager(**inputs)
         error, fp8_error = worst_rel_error(fast(**inputs), want), worst_rel_error(fp8(**inputs), want)
+    kernels, kernels_error = copy.deepcopy(eager), None
+    if device == "cpu":  # the Triton kernels as they run on a GPU, interpreted: which sites, what error
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            wam_fast.compile(kernels, CompileConfig(backend="eager"), example_inputs=inputs)
+            with torch.no_grad():
+                kernels_error = worst_rel_error(kernels(**inputs), want)
+        finally:
+            del os.environ["TRITON_INTERPRET"]
     ms = {label: median_ms(lambda m=m: m(**inputs), reps, device)
           for label, m in (("eager", eager), ("torch.compile", plain), ("wam_fast.compile", fast))}
     return {"family": name, "levers": levers(compile_report(fast)), "fp8_levers": levers(compile_report(fp8)),
+            "kernel_levers": levers(compile_report(kernels)) if kernels_error is not None else None,
+            "kernel_rel_error": kernels_error,
             "ms": ms, "speedup_vs_eager": ms["eager"] / ms["wam_fast.compile"],
             "speedup_vs_torch_compile": ms["torch.compile"] / ms["wam_fast.compile"],
             "rel_error": error, "fp8_rel_error": fp8_error}
@@ -409,13 +421,16 @@ def main(argv=None) -> int:
     env = environment(args.device)
     print(json.dumps(env))
     rows = [family_row(name, build, args.device, args.reps) for name, build in FAMILIES.items()]
-    print(f"| family | levers (fp32) | eager ms | torch.compile ms | wam_fast.compile ms | vs eager | "
-          f"vs torch.compile | rel. error | FP8 levers | FP8 rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| family | levers here (fp32) | eager ms | torch.compile ms | wam_fast.compile ms | vs eager | "
+          "vs torch.compile | rel. error | kernel sites (GPU; interpreted here) | their rel. error | FP8 levers | "
+          "FP8 rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        kernel_error = "-" if r["kernel_rel_error"] is None else f"{r['kernel_rel_error']:.1e}"
         print(f"| {r['family']} | {r['levers']} | {r['ms']['eager']:.2f} | {r['ms']['torch.compile']:.2f} | "
               f"{r['ms']['wam_fast.compile']:.2f} | {r['speedup_vs_eager']:.2f}x | {r['speedup_vs_torch_compile']:.2f}x | "
-              f"{r['rel_error']:.1e} | {r['fp8_levers']} | {r['fp8_rel_error']:.1e} |")
+              f"{r['rel_error']:.1e} | {r['kernel_levers'] or '-'} | {kernel_error} | {r['fp8_levers']} | "
+              f"{r['fp8_rel_error']:.1e} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": env, "reps": args.reps, "rows": rows}, f, indent=1)

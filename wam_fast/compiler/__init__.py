@@ -25,9 +25,11 @@ diffusers                           our attention processor (``set_attn_processo
                                     GELU by module swap, FP8 block linears, torch.compile
                                     (``wam_fast.compiler.cogvideox``; registered on first use, only
                                     when diffusers is installed)
-any other ``nn.Module``             ``nn.MultiheadAttention`` -> ops.attention (per-call fallback to the
-                                    original for what it cannot honour), FP8 ``nn.Linear`` (in/out
-                                    multiples of 16), torch.compile; custom modules are left alone
+any other ``nn.Module``             pattern sites in modules of its own (``patterns``: torch.fx; AdaLN
+                                    modulation, gated residual, GELU-linear, SDPA -> wam_fast ops; needs
+                                    example_inputs), ``nn.MultiheadAttention`` -> ops.attention (per-call
+                                    fallback to the original for what it cannot honour), FP8 ``nn.Linear``
+                                    (in/out multiples of 16), torch.compile
 ==================================  =====================================================================
 
 ``filter_fn(module, name) -> bool`` restricts every module-level lever to the modules it accepts (on

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from wam_fast.compiler import sites
 from wam_fast.compiler.session import Session
-from wam_fast.ops.registry import note_fallback
+from wam_fast.ops.registry import note_fallback, triton_interpreting
 from wam_fast.utils.modules import retype, set_submodule
 
 ADD, MUL = (operator.add, torch.add), (operator.mul, torch.mul)
@@ -366,6 +366,12 @@ def fuse_patterns(session: Session, keep_linear: Callable[[nn.Linear, str], Opti
     if session.example is None:
         report.skip("patterns", "pattern fusion (AdaLN, gated residual, GELU-linear, attention in modules of your own) "
                                 "needs example_inputs: shapes decide which expressions are sites")
+        return Fused(set(), set())
+    if session.device.type != "cuda" and not triton_interpreting():
+        # the ops would run their torch backend: the same math as the expression, but opaque to torch.compile,
+        # which fuses the expression itself (measured 0.4-0.5x of torch.compile alone on CPU, benchmarks/families.py)
+        report.skip("patterns", f"pattern fusion: no wam_fast kernel runs on {session.device} (the ops would run "
+                                f"their torch backend, which torch.compile cannot fuse): left to torch.compile")
         return Fused(set(), set())
     units, failed = find_units(model, session.accepts)
     for name, why in failed:
