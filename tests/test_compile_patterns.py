@@ -184,3 +184,15 @@ def test_sites_fall_back_to_the_expression_and_say_so():
     after = {(f["op"], tuple(f["skipped"])): f["count"] for f in wam_fast.ops.fallbacks()}
     grown = {key for key, n in after.items() if n > before.get(key, 0)}
     assert {op for op, _ in grown} == {"gated_residual", "attention"}
+
+
+def test_no_pattern_sites_where_no_kernel_runs(monkeypatch):
+    """On a CPU without the Triton interpreter the ops would run their torch backend, opaque to torch.compile
+    (measured slower than torch.compile alone): the lever stays off and says why."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, _, inputs = build("unipi")
+    wam_fast.compile(model, EAGER, example_inputs=inputs)
+    report = compile_report(model)
+    assert not site_counts(report) and "no wam_fast kernel runs on cpu" in " ".join(report.skipped_at("patterns"))
+    assert "no wam_fast kernel runs on cpu" in " ".join(report.skipped_at("blocks.0.attn"))  # the MHA swap too
+    assert type(model.blocks[0].attn) is nn.MultiheadAttention

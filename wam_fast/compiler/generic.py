@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from wam_fast import ops
 from wam_fast.compiler import session as session_module  # attention_fn looked up per call (tests swap it)
 from wam_fast.compiler.config import SMALL_GEMM_FACTOR, CompileConfig
-from wam_fast.compiler.patterns import Fused, fuse_patterns, is_custom
+from wam_fast.compiler.patterns import Fused, fuse_patterns, is_custom, no_kernel_reason
 from wam_fast.compiler.report import CompileReport
 from wam_fast.compiler.session import Session, check_backend_available, compile_kwargs, module_device
 from wam_fast.ops.registry import note_fallback
@@ -137,9 +137,12 @@ def compile_module(model: nn.Module, config: CompileConfig, filter_fn, report: C
         fast_path_children = {(f"{name}." if name else "") + child for name, m in model.named_modules()
                             if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
                             for child, _ in m.named_children()}
+        no_kernel = no_kernel_reason(session.device)
         for name, module in model.named_modules():
             if type(module) is nn.MultiheadAttention and name:
                 why = _mha_static_reasons(module) if session.accepts(module, name) else ["excluded by filter_fn"]
+                if no_kernel:
+                    why.append(no_kernel)
                 if name in fast_path_children and example_inputs is None:
                     why.append("inside an nn.Transformer*Layer, whose eval fast path may never call it (pass "
                                "example_inputs so the compile can probe which modules run)")

@@ -63,6 +63,17 @@ class Unit:
     left: List[Tuple[str, str]] = field(default_factory=list)  # (where, why) sites not replaced
 
 
+def no_kernel_reason(device: torch.device) -> Optional[str]:
+    """Why swapping an expression for a wam_fast op would not pay on ``device``, or None. Off CUDA (and
+    without the Triton interpreter) the ops run their torch backend: the same math, but opaque to
+    torch.compile, which fuses the expression itself (0.4-0.7x of torch.compile alone on CPU,
+    benchmarks/families.py)."""
+    if device.type == "cuda" or triton_interpreting():
+        return None
+    return (f"no wam_fast kernel runs on {device} (the ops would run their torch backend, which torch.compile "
+            f"cannot fuse): left to torch.compile")
+
+
 def is_custom(module: nn.Module) -> bool:
     root = (type(module).__module__ or "").split(".")[0]
     return root not in ("torch", "wam_fast")
@@ -367,11 +378,9 @@ def fuse_patterns(session: Session, keep_linear: Callable[[nn.Linear, str], Opti
         report.skip("patterns", "pattern fusion (AdaLN, gated residual, GELU-linear, attention in modules of your own) "
                                 "needs example_inputs: shapes decide which expressions are sites")
         return Fused(set(), set())
-    if session.device.type != "cuda" and not triton_interpreting():
-        # the ops would run their torch backend: the same math as the expression, but opaque to torch.compile,
-        # which fuses the expression itself (measured 0.4-0.5x of torch.compile alone on CPU, benchmarks/families.py)
-        report.skip("patterns", f"pattern fusion: no wam_fast kernel runs on {session.device} (the ops would run "
-                                f"their torch backend, which torch.compile cannot fuse): left to torch.compile")
+    why = no_kernel_reason(session.device)
+    if why:
+        report.skip("patterns", f"pattern fusion: {why}")
         return Fused(set(), set())
     units, failed = find_units(model, session.accepts)
     for name, why in failed:
