@@ -7,6 +7,7 @@
 #   STAGES="build kernels graphs" bash benchmarks/gpu_check.sh  # kernels per layer on the GPU; one W1 act()
 #                                                               # from its graph vs eager (1 and 4 steps, bf16 / FP8)
 #   STAGES="benchmarks" bash benchmarks/gpu_check.sh chunk      # op benchmarks (pytest -k expression)
+#   STAGES="build families" bash benchmarks/gpu_check.sh        # wam_fast.compile on six WAM families, timed
 # Stages (any subset, run in this order): build info gputests benchmarks kernels graphs bench.
 #
 # What comes back: every stage's output goes into ONE log, $OUT/gpu-check.log (also printed), and only
@@ -35,17 +36,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-benchmarks/results/gpu-check}
 STAGES=${STAGES:-build bench}
-KNOWN_STAGES="build info gputests benchmarks kernels graphs bench"
+KNOWN_STAGES="build info gputests benchmarks kernels graphs bench families"
 BENCH_ARGS=${BENCH_ARGS:---rows 'paper-baseline,paper-baseline-compiled,wam_fast-*-cache'}
 GPU_TESTS=${GPU_TESTS:-tests/test_adaln_modulate.py tests/test_attention.py tests/test_ffn_gelu.py \
 tests/test_fp8_linear.py tests/test_gated_residual.py tests/test_gated_residual_adaln.py tests/test_qk_norm_rope.py \
 tests/test_quantize_rowwise.py tests/test_csrc.py tests/test_quant.py tests/test_kv_cache.py tests/test_fused_model.py \
-tests/test_kernel_counts.py tests/test_compile.py tests/test_chunk_graphs.py}
+tests/test_kernel_counts.py tests/test_compile.py tests/test_compile_patterns.py tests/test_chunk_graphs.py}
 GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-420}
 DEADLINE_S=${DEADLINE_S:-470}
 # every file this script may leave in $OUT (what comes back is capped at 8 files)
-OUTPUT_FILES=(gpu-check.log nvidia-smi.txt info.txt bench-w1.json bench-w1.png kernels.json graph-vs-eager.json
-              benchmarks.json)
+OUTPUT_FILES=(gpu-check.log nvidia-smi.txt bench-w1.json bench-w1.png kernels.json graph-vs-eager.json
+              benchmarks.json families-cuda.json)
 MAX_FILES=8
 export LOG="$OUT/gpu-check.log"
 
@@ -90,7 +91,7 @@ if has build; then
     >> "$LOG" 2>&1 || { tail -n 40 "$LOG" >&2; exit 1; }'
 fi
 if has info || has build; then
-  run_stage info 60 'python -m wam_fast.info > "$OUT/info.txt" 2>&1; rc=$?; cat "$OUT/info.txt"; exit $rc'
+  run_stage info 60 'python -m wam_fast.info'  # into the log (8 files come back at most)
 fi
 if has gputests; then
   run_stage gputests "$GPU_TESTS_TIMEOUT" "python -m pytest $GPU_TESTS -q -p no:cacheprovider -rfEs --durations=15"
@@ -104,6 +105,9 @@ if has kernels; then
 fi
 if has graphs; then
   run_stage graphs 400 "python benchmarks/graph_vs_eager.py --json \"\$OUT/graph-vs-eager.json\" ${GRAPH_ARGS:-}"
+fi
+if has families; then  # the README's per-family table on the GPU (kernel sites timed)
+  run_stage families 300 'python benchmarks/families.py --reps 100 --out "$OUT/families-cuda.json"'
 fi
 if has bench; then
   run_stage bench 600 "python -m wam_fast.bench --json \"\$OUT/bench-w1.json\" --chart \"\$OUT/bench-w1.png\" $BENCH_ARGS"
