@@ -27,6 +27,8 @@
 #   paper-baseline-compiled: torch.compile of the W1 forward (cold inductor cache) ~2-3 min, then x33 ~0.3 min
 #   6 cached student rows (4/2/1 steps x bf16/FP8): Triton JIT + chunk graph capture per precision
 #   (~1 min each), then <= 34 TFLOP/chunk: seconds per row         ~2 min
+#   wam_fast-action-only-1step-fp8-cache (#26's GPU check: the action-only student, FP8, one step,
+#   captured graph, 30 timed chunks; its own chunk graph)           ~0.5 min
 # Left out of the default: released-baseline (100 row-forwards: ~3-5 s/chunk, x33 = 2-3 min) and the
 # nocache student rows (each precision torch.compiles the student's forward again: ~2-3 min each).
 # The full table: BENCH_ARGS="--rows '*'" in its own call (or two calls, e.g. --rows 'released-*').
@@ -37,7 +39,7 @@ cd "$(dirname "$0")/.."
 export OUT=${OUT:-benchmarks/results/gpu-check}
 STAGES=${STAGES:-build bench}
 KNOWN_STAGES="build info gputests benchmarks kernels graphs bench families"
-BENCH_ARGS=${BENCH_ARGS:---rows 'paper-baseline,paper-baseline-compiled,wam_fast-*-cache'}
+BENCH_ARGS=${BENCH_ARGS:---rows 'paper-baseline,paper-baseline-compiled,wam_fast-[0-9]*-cache,wam_fast-action-only-1step-fp8-cache'}
 GPU_TESTS=${GPU_TESTS:-tests/test_adaln_modulate.py tests/test_attention.py tests/test_ffn_gelu.py \
 tests/test_fp8_linear.py tests/test_gated_residual.py tests/test_gated_residual_adaln.py tests/test_qk_norm_rope.py \
 tests/test_quantize_rowwise.py tests/test_csrc.py tests/test_quant.py tests/test_kv_cache.py tests/test_fused_model.py \

@@ -48,10 +48,11 @@ def test_cli_json_schema_and_rows(tiny_run):
     assert {"torch", "python", "triton", "cuda", "commit"} <= set(data["versions"])
     rows = {r["name"]: r for r in data["rows"]}
     students = {f"wam_fast-{s}step-{p}-{c}" for s in (4, 2, 1) for p in ("fp32", "fp8") for c in ("cache", "nocache")}
+    action_only = {f"wam_fast-action-only-{s}step-{p}-cache" for s in (4, 2, 1) for p in ("fp32", "fp8")}
     pixels = {f"pixels-to-actions-{s}step-fp32-cache" for s in (4, 2, 1)}  # next to the latent-only rows
-    assert set(rows) == set(bench.BASELINES) | students | pixels and len(data["rows"]) == 18
+    assert set(rows) == set(bench.BASELINES) | students | action_only | pixels and len(data["rows"]) == 24
     assert [r["name"] for r in data["rows"]][:3] == ["released-baseline", "paper-baseline", "paper-baseline-compiled"]
-    assert all(not r["fp8"] for r in data["rows"][:12]) and all(r["fp8"] for r in data["rows"][12:])  # FP8 last
+    assert all(not r["fp8"] for r in data["rows"][:15]) and all(r["fp8"] for r in data["rows"][15:])  # FP8 last
     for name in pixels:  # VAE encode + the same cached student + readout; the text encoder timed on its own
         row = rows[name]
         assert row["levers"][0] == "vae-encode" and row["pipeline"]["parts"].startswith("tiny")
@@ -122,6 +123,13 @@ def test_cli_rows_differ_in_what_they_run(tiny_run):
             assert uncached["tokens"] == s * temporal.num_tokens
             assert cached["cache_bytes"] > 0 and uncached["cache_bytes"] == 0
         assert rows[f"wam_fast-{s}step-fp8-cache"]["weight_bytes"] < rows[f"wam_fast-{s}step-fp32-cache"]["weight_bytes"]
+        for p in ("fp32", "fp8"):  # the action-only student (#26): the frame once, then the action tokens alone
+            only, cached = rows[f"wam_fast-action-only-{s}step-{p}-cache"], rows[f"wam_fast-{s}step-{p}-cache"]
+            assert only["model"] == "shortcut student (mask=temporal, action-only)"
+            assert (only["steps"], only["nfe"], only["step_size"]) == (s, s, cfg.num_train_timesteps / s)
+            assert only["tokens"] == temporal.tokens_per_frame + s * cfg.action_len
+            assert only["tflop"] < cached["tflop"] and only["cache_bytes"] < cached["cache_bytes"]
+            assert only["fp8_layers"] == (0 if p == "fp32" else 4 * cfg.num_layers)
 
 
 def test_cli_accounting_table(tiny_run):
@@ -134,6 +142,11 @@ def test_cli_accounting_table(tiny_run):
     assert w1["full (VideoVLA)"]["tokens"] == w1["temporal"]["tokens"] == 10 * 2 * 1256
     assert w1["temporal + KV cache"]["tokens"] == 2 * (256 + 10 * 774)
     assert w1["temporal + KV cache"]["text_tokens"] == 2 * 226
+    # the action-only student (#26): 6 noisy tokens per step, the frame once
+    only = w1["action-only + KV cache"]
+    assert (only["noisy_tokens"], w1["temporal + KV cache"]["noisy_tokens"]) == (6, 774)
+    assert only["tokens"] == 2 * (256 + 10 * 6) and only["tflop"] < w1["temporal + KV cache"]["tflop"] / 10
+    assert "action-only + KV cache | 6 |" in " ".join(tiny_run[2].stdout.split())
     # docs/design.md, Workloads: 12.8 TFLOP per forward
     assert w1["full (VideoVLA)"]["tflop"] == pytest.approx(20 * 12.76, rel=1e-3)
     assert {e["workload"] for e in data["accounting"]} == {"videovla-5b", "videovla-5b-sim"}
@@ -199,7 +212,7 @@ def test_rows_filter_and_steps():
     rows = bench.variants_for("tiny", "bf16", steps=(8, 2))
     assert [v.name for v in rows][:5] == ["released-baseline", "paper-baseline", "paper-baseline-compiled",
                                           "wam_fast-8step-bf16-cache", "wam_fast-8step-bf16-nocache"]
-    assert len(rows) == 3 + 2 * 2 * 2
+    assert len(rows) == 3 + 2 * 2 * 2 + 2 * 2  # + the action-only students, cached, per precision
     assert [v.compiled for v in rows[:3]] == [False, False, True] and all(v.compiled for v in rows if v.student)
     picked = bench.select(rows, ["paper-baseline", "wam_fast-2step-*-cache"])
     assert [v.name for v in picked] == ["paper-baseline", "wam_fast-2step-bf16-cache", "wam_fast-2step-fp8-cache"]

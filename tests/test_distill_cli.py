@@ -287,7 +287,8 @@ def test_help_documents_every_command():
     result = subprocess.run([sys.executable, "-m", "wam_fast.distill", "--help"], capture_output=True, text=True,
                             env=env, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
-    for flag in ("--teacher", "--data", "--method", "--steps", "--out", "--mask", "--history", "--cfg-scale",
+    for flag in ("--teacher", "--data", "--method", "--steps", "--out", "--mask", "--history", "--future-frames",
+                 "--cfg-scale",
                  "--rollout", "--train-steps", "--batch-size", "--micro-batch-size", "--lr", "--ema-decay",
                  "--checkpoint-every", "--precision", "--parallel", "--seed", "eval --teacher CKPT --student CKPT",
                  "demo", "eval.json"):

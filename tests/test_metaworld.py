@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from wam_fast.eval import autoencoder, fidelity, stages
+from wam_fast.eval import fidelity, stages
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import RESULTS_DIR, markdown_table, plot, targets
 from wam_fast.eval.rollout import make_policy, run_episodes, wilson_interval
-from wam_fast.eval.settings import MODELS, TASK_SETTINGS, Settings, model_config
+from wam_fast.eval.settings import MODELS, STUDENTS, TASK_SETTINGS, Settings, model_config
 
 needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
                                      reason='Meta-World is not installed: pip install "wam_fast[sim]"')
@@ -334,13 +334,20 @@ def test_smoke_run_writes_the_results_schema(smoke_run):
     assert rows["shortcut-1step"]["mask"] == "temporal" and rows["shortcut-1step"]["cache"]
     assert rows["consistency-2step"]["sampler"] == "consistency"
     assert rows["shortcut-4step-fp8"]["precision"] == "fp8"
+    # the action-only students (#26): no future frame denoised, cached, one FP8 row
+    assert rows["shortcut-1step"]["future_frames"] == 1 and rows["teacher"]["future_frames"] is None
+    for name in ("action-only-shortcut-1step", "action-only-consistency-4step", "action-only-shortcut-1step-fp8"):
+        assert rows[name]["future_frames"] == 0 and rows[name]["mask"] == "temporal" and rows[name]["cache"], name
+    assert rows["action-only-shortcut-1step-fp8"]["precision"] == "fp8"
     assert results["environment"]["metaworld"] and "targets" in results
     assert results["demos"]["episodes"] == 2 and results["demos"]["samples"] > 0
     assert results["training"]["teacher_pretrain"]["step"] == 2  # push-v3's regression stage (TASK_SETTINGS)
     assert results["training"]["autoencoder"]["step"] == 2  # and its latent space (TASK_SETTINGS)
     assert Path(results["autoencoder"]) == smoke_run.root / "work" / "push-v3" / "autoencoder" / "frozen"
-    for method in ("shortcut", "consistency"):
-        assert results["training"][method]["command"].startswith("python -m wam_fast.distill --teacher")
+    for source in STUDENTS:
+        command = results["training"][source]["command"]
+        assert command.startswith("python -m wam_fast.distill --teacher")
+        assert command.endswith("--future-frames 0") == source.startswith("action-only-"), command
     assert smoke_run.json.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -371,10 +378,15 @@ def test_teacher_starts_from_its_regression_pretraining(smoke_run, tmp_path, mon
 
 @needs_metaworld
 def test_smoke_students_come_from_the_distill_cli(smoke_run):
-    for method in ("shortcut", "consistency"):
-        run = json.loads((smoke_run.root / "work" / "push-v3" / f"student-{method}" / "run.json").read_text())
+    import wam_fast
+
+    for source, (method, future_frames) in STUDENTS.items():
+        directory = smoke_run.root / "work" / "push-v3" / f"student-{source}"
+        run = json.loads((directory / "run.json").read_text())
         assert run["method"] == method and run["mask"] == "temporal" and list(run["steps"]) == [1, 2, 4]
-        assert (smoke_run.root / "work" / "push-v3" / f"student-{method}" / "eval.json").is_file()
+        assert run.get("future_frames") == future_frames
+        assert wam_fast.load_pretrained(directory / "final").config.action_only == (future_frames == 0)
+        assert (directory / "eval.json").is_file()
 
 
 @needs_metaworld

@@ -24,7 +24,22 @@ def test_flops_match_the_analytic_count_within_1_percent(w1):
     for name, row in w1.items():
         assert row["flops"] == pytest.approx(row["analytic_flops"], rel=0.01), name
         kinds.add((row["model"].split(",")[0], row["cache"]))
-    assert kinds == {("teacher", False), ("shortcut student", True), ("shortcut student", False)}
+    assert kinds == {("teacher", False), ("shortcut student", True), ("shortcut student", False),
+                     ("action-only shortcut student", True)}
+
+
+def test_action_only_student_runs_six_tokens_a_step_and_is_projected_faster(w1):
+    """#26: the action-only student's cached step runs the 6 action tokens (774 with the future frames);
+    its chunk is a frame pass plus S such steps, about a quarter of the FLOPs, and faster on every device."""
+    for s in (4, 2, 1):
+        for p in ("bf16", "fp8"):
+            only, cached = w1[f"wam_fast-action-only-{s}step-{p}-cache"], w1[f"wam_fast-{s}step-{p}-cache"]
+            assert (only["tokens_per_step"], cached["tokens_per_step"]) == (6, 774)
+            assert only["passes"] == [["frame", 1], ["step", s]]
+            assert only["tflop"] < cached["tflop"] / 3.5
+            for device in DEVICES:
+                assert ms(only, device) < ms(cached, device), (s, p, device)
+    assert w1["paper-baseline"]["tokens_per_step"] is None  # uncached: the whole sequence every step
 
 
 def test_chunk_structure(w1):
@@ -148,7 +163,7 @@ def test_cli_project_prints_and_writes_json(tmp_path, capsys):
     written = json.loads(path.read_text())
     assert written["projection"] is True and written["label"].startswith("PROJECTION")
     assert [r["name"] for r in written["rows"]] == [r["name"] for r in result["rows"]]
-    assert len(written["rows"]) == 5
+    assert len(written["rows"]) == 7  # + the action-only 1-step students, bf16 and FP8
     for row in written["rows"]:
         assert set(row["projected"]) == {"h200", "rtx4090"}
     assert "wam_fast.attention" in written["passes"]["fp8 step rows=1"]

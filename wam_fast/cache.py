@@ -62,9 +62,10 @@ def pass_layouts(config: WAMConfig) -> Tuple[SegmentLayout, SegmentLayout, Segme
                          frame_positions=(), **common)
     frame = SegmentLayout(names=("current",), lengths=(tpf,), mod_set=(VIDEO_SET,), noisy=(False,),
                           frame_positions=(current,), **common)
-    future = config.latent_frames - 1
-    noisy = SegmentLayout(names=("video", "actions"), lengths=(future * tpf, config.action_len),
-                          mod_set=(VIDEO_SET, VIDEO_SET), noisy=(True, True),
+    future = config.noisy_frames  # 0 for an action-only model: its noisy tokens are the actions alone
+    names = ("video", "actions") if future else ("actions",)
+    noisy = SegmentLayout(names=names, lengths=((future * tpf,) if future else ()) + (config.action_len,),
+                          mod_set=(VIDEO_SET,) * len(names), noisy=(True,) * len(names),
                           frame_positions=tuple(range(current + 1, current + 1 + future)), **common)
     return text, frame, noisy
 
@@ -366,8 +367,8 @@ class TemporalKVCache:
     @torch.no_grad()
     def denoise(self, video: torch.Tensor, actions: torch.Tensor, timestep, robot_id=None, step_size=None):
         """One sample-forward of the noisy tokens only, against the cached text and frames:
-        video (B, F-1, C, H, W), actions (B, K, A), timestep (B,) or a number, step_size (B,) float
-        or a number for a shortcut student (required there, refused elsewhere; see
+        video (B, config.noisy_frames, C, H, W) (empty for an action-only model), actions (B, K, A),
+        timestep (B,) or a number, step_size (B,) float or a number for a shortcut student (required there, refused elsewhere; see
         WAMTransformer.forward: it reaches the noisy tokens only, so the cached text and frame K/V
         serve every step size). Returns (video_out, action_out) as the uncached model would for the
         same inputs."""
@@ -378,7 +379,7 @@ class TemporalKVCache:
         if isinstance(timestep, numbers.Real):
             timestep = torch.full((self.batch,), float(timestep), device=self.device)
         check_tensor("timestep", timestep, (self.batch,), None, self.device)
-        # both segments (video, actions) are noisy; no host-to-device copy, so a CUDA graph can hold this
+        # every segment (video, actions) is noisy; no host-to-device copy, so a CUDA graph can hold this
         temb = model.embed_time(timestep.float()[:, None].expand(-1, layout.num_segments), layout, step_size)
         return self._denoise(video, actions, robot_id, temb, None)
 
@@ -408,7 +409,9 @@ class TemporalKVCache:
 
     def _denoise(self, video, actions, robot_id, temb, modulation):
         model, layout = self.model, self._contexts["noisy"].layout
-        h = torch.cat((model.embed_noisy_video(video), model.action_embed(actions, robot_id)), dim=1)
+        h = model.action_embed(actions, robot_id)
+        if self.config.noisy_frames:
+            h = torch.cat((model.embed_noisy_video(video), h), dim=1)
         return model.predict(self._run("noisy", h, temb, modulation), temb, layout, video.shape)
 
     def _run(self, part: str, h: torch.Tensor, temb: torch.Tensor, modulation=None) -> torch.Tensor:

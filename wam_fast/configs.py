@@ -30,6 +30,12 @@ class WAMConfig:
     distilled for (e.g. (1, 2, 4)); ``distilled_cfg_scale`` is the classifier-free guidance scale
     baked into it (a student samples with cfg_scale 1). ``wam_fast.sampling.default_options`` turns
     these into the sampler, steps and guidance ``sample()`` and ``WAMPolicy`` use by default.
+
+    Action-only models (docs/design.md, Distillation: Action-only students): with ``mask="temporal"``,
+    ``future_frames=k`` (0 <= k < latent_frames) makes the noisy tokens the action chunk plus only the
+    first k future frames; ``future_frames=0`` predicts no video at all (``ActionChunk.video`` is None).
+    None (the default) denoises every future frame. ``latent_frames`` stays the clip length of the
+    data the model learned from (a student keeps its teacher's), and the weights are the same either way.
     """
 
     name: str = "custom"
@@ -60,6 +66,7 @@ class WAMConfig:
     distillation: str = ""  # "" (teacher), "shortcut" or "consistency"
     distilled_steps: Tuple[int, ...] = ()  # step counts a student was distilled for, increasing
     distilled_cfg_scale: float = 1.0  # guidance scale baked into a student
+    future_frames: Optional[int] = None  # temporal only: future frames denoised (None: all; 0: action-only)
 
     def __post_init__(self):
         def positive(field_name):
@@ -92,6 +99,18 @@ class WAMConfig:
             raise ValueError(f"rope_axes_dim {axes} must be three positive even sizes summing to "
                              f"head_dim={self.head_dim}")
         self._check_distillation()
+        self._check_future_frames()
+
+    def _check_future_frames(self) -> None:
+        k = self.future_frames
+        if k is None:
+            return
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.latent_frames:
+            raise ValueError(f"WAMConfig.future_frames must be None (all future frames) or an int in "
+                             f"[0, {self.latent_frames - 1}] (latent_frames - 1), got {k!r}")
+        if self.mask != "temporal":
+            raise ValueError(f"WAMConfig.future_frames={k} needs mask='temporal' (the current frame is clean "
+                             f"context there, so the noisy tokens can leave out future frames); got mask={self.mask!r}")
 
     def _check_types(self) -> None:
         """Fields without a range check of their own: types, signs, finiteness (a NaN eps or theta
@@ -173,13 +192,22 @@ class WAMConfig:
 
     @property
     def noisy_frames(self) -> int:
-        """Latent frames the model denoises: all of them (full) or the future ones (temporal)."""
-        return self.latent_frames if self.mask == "full" else self.latent_frames - 1
+        """Latent frames the model denoises: all of them (full), the future ones (temporal), or the
+        first ``future_frames`` of those."""
+        if self.mask == "full":
+            return self.latent_frames
+        return self.latent_frames - 1 if self.future_frames is None else self.future_frames
+
+    @property
+    def action_only(self) -> bool:
+        """True when the model denoises no video: its noisy tokens are the action chunk alone."""
+        return self.noisy_frames == 0
 
     @property
     def num_tokens(self) -> int:
         """Tokens of one sample-forward with the current frame and no history."""
-        return self.text_len + self.latent_frames * self.tokens_per_frame + self.action_len
+        frames = self.noisy_frames + (1 if self.mask == "temporal" else 0)
+        return self.text_len + frames * self.tokens_per_frame + self.action_len
 
     @property
     def noisy_tokens(self) -> int:
@@ -187,7 +215,10 @@ class WAMConfig:
         return self.noisy_frames * self.tokens_per_frame + self.action_len
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["future_frames"] is None:  # the default, left out: files of earlier versions still match
+            del data["future_frames"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "WAMConfig":

@@ -141,8 +141,9 @@ class WAMPolicy:
 
     @torch.no_grad()
     def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None) -> ActionChunk:
-        """The action chunk (and predicted future video latents) for the current observation
-        ``image_latent`` (B, 1, C, H, W), a clean latent in the model's dtype and device."""
+        """The action chunk (and predicted future video latents; None for an action-only model,
+        ``config.future_frames == 0``) for the current observation ``image_latent`` (B, 1, C, H, W), a
+        clean latent in the model's dtype and device."""
         with self.lock:
             return self._act(image_latent, robot_id)
 
@@ -158,6 +159,7 @@ class WAMPolicy:
         if self.cache is not None:
             self.cache.note_frame()
         self.end_step(image_latent)
+        video = None if self.config.action_only else video  # an action-only model predicts no video
         return ActionChunk(actions=actions, video=video, sampler=self.sampler, steps=self.steps,
                            nfe=self.steps * self.rows)
 

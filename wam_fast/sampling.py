@@ -48,7 +48,9 @@ class ActionChunk:
     """What ``sample`` returns.
 
     actions  (B, K, A) float32 action chunk
-    video    (B, F, C, H, W) float32 predicted video latents (``return_video=True``), else None
+    video    (B, F, C, H, W) float32 predicted video latents (``return_video=True``), else None; always
+             None for an action-only model (``config.future_frames == 0``: it predicts no video), and the
+             first ``future_frames`` future frames for a model with ``future_frames`` set
     sampler, steps  what produced it
     nfe      sample-forwards spent: steps, times 2 when guidance batched cond + uncond rows
     """
@@ -372,7 +374,7 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
     noise      (video_noise (B, noisy_frames, C, H, W), action_noise (B, K, A)) float32: the
                initial noise instead of the seed's first draws (the seed still drives any sampler
                noise), so two models can start from the same noise
-    return_video  also return the predicted video latents
+    return_video  also return the predicted video latents (an action-only model has none: video is None)
 
     With guidance on, every step runs ONE forward of 2B rows (cond rows first, then uncond),
     also at steps where the dynamic scale happens to be 1, so shapes stay static.
@@ -418,7 +420,7 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
 
     chunk = run_sampler(forward, config, batch, device, dtype, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                         cfg_schedule=cfg_schedule, generator=generator, noise=noise)
-    return chunk if return_video else dataclasses.replace(chunk, video=None)
+    return chunk if return_video and not config.action_only else dataclasses.replace(chunk, video=None)
 
 
 def initial_noise(noise, video_shape, action_shape, generator) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,8 @@ def chunk_flops(cfg, variant: Variant, batch: int) -> dict:
     """Block FLOPs of one chunk of ``variant`` (``wam_fast.cache.chunk_cost``: the accounting table's
     arithmetic), split into linears (24 d^2 per token per layer) and attention (the rest)."""
     rows = batch * (2 if variant.cfg_scale != 1.0 or variant.cfg_schedule != "constant" else 1)
-    model_cfg = dataclasses.replace(cfg, mask="temporal") if variant.student else cfg
+    model_cfg = (dataclasses.replace(cfg, mask="temporal", future_frames=variant.future_frames) if variant.student
+                 else cfg)
     cost = chunk_cost(model_cfg, variant.steps, rows, cache=variant.cache)
     linear = cfg.num_layers * 24 * cfg.hidden_dim ** 2 * cost["tokens"]
     return {"tokens": cost["tokens"], "flops": cost["flops"], "linear_flops": linear,
@@ -28,16 +29,20 @@ ACCOUNTING_WORKLOADS = ("videovla-5b", "videovla-5b-sim")
 
 def accounting(steps: int, rows: int) -> List[dict]:
     """Tokens and FLOPs per action chunk for W1 and W2: the full-mask model (VideoVLA), its temporal
-    twin uncached and cached (no history), and the cache's bf16 memory."""
+    twin uncached and cached (no history), its action-only student cached (``future_frames=0``: the noisy
+    tokens are the action chunk alone), and the cache's bf16 memory."""
     out = []
     for name in ACCOUNTING_WORKLOADS:
         full = configs.get(name)
         temporal = dataclasses.replace(full, mask="temporal")
+        action_only = dataclasses.replace(temporal, future_frames=0)
         for label, cfg, cache in (("full (VideoVLA)", full, False), ("temporal", temporal, False),
-                                  ("temporal + KV cache", temporal, True)):
+                                  ("temporal + KV cache", temporal, True),
+                                  ("action-only + KV cache", action_only, True)):
             cost = chunk_cost(cfg, steps, rows, cache=cache)
             out.append({"workload": name, "model": label, "cache": cache, "steps": steps, "rows": rows,
-                        "tokens": cost["tokens"], "tflop": round(cost["flops"] / 1e12, 3),
+                        "noisy_tokens": cfg.noisy_tokens, "tokens": cost["tokens"],
+                        "tflop": round(cost["flops"] / 1e12, 3),
                         "text_tokens": cost["text_tokens"], "text_tflop": round(cost["text_flops"] / 1e12, 3),
                         "cache_bytes_bf16": cache_bytes(cfg, rows) if cache else 0})
     return out

@@ -183,20 +183,23 @@ def main(argv=None) -> dict:
         # one student per precision, holding the teacher's tensors (no copy); wam_fast.compile of the
         # group's first policy compiles it, the others reuse it. Before the last group the teacher is
         # dropped, so FP8 quantization (in place) frees the bf16 linears it replaces.
-        student = shortcut_student(teacher, args.steps, args.seed)
+        # (an action-only student is another model: its own config, the same tensors)
+        students = {frames: shortcut_student(teacher, args.steps, args.seed, future_frames=frames)
+                    for frames in dict.fromkeys(v.future_frames for v in group)}
+        student = students.get(None)
         if i == len(groups) - 1:
             del teacher
         for v in group:
-            record(measure(v, student, inputs, cfg, args, device, ceilings))
+            record(measure(v, students[v.future_frames], inputs, cfg, args, device, ceilings))
             release_memory(device)  # the row's policy (graphs, cache) is gone; keep peaks per row honest
-        if not group[0].fp8:
+        if not group[0].fp8 and student is not None:
             for steps in pixel_steps(args, chosen):  # next to the latent-only cached rows, same student
                 row = measure_pixels_row(student, cfg, steps, args, device, full=on_gpu or args.allow_cpu_large)
                 print(f"  ({row['pipeline']['parts']}, frame {row['pipeline']['image_shape']}; text encoder "
                       f"{row['pipeline']['text_encoder_ms']:.2f} ms once per instruction, not in the row)")
                 record(row)
                 release_memory(device)
-        del student
+        del student, students
         release_memory(device, drop_compiled=True)  # this precision's compiled student is not used again
 
     print()
@@ -245,6 +248,10 @@ def kernels_main(args, cfg, device) -> dict:
     print(f"wam_fast bench --kernels: {args.workload} (mask='temporal', {counted.history_frames} history frames, "
           f"2 layers), {args.dtype} on {env['device']}")
     counts = kernel_counts.count_all(counted, DTYPES[args.dtype], device)
+    # the action-only student (future_frames=0): its passes that differ, the step over the actions alone
+    for count in kernel_counts.count_all(dataclasses.replace(counted, future_frames=0), DTYPES[args.dtype], device):
+        if count.pass_name in ("uncached", "step"):
+            counts.append(dataclasses.replace(count, pass_name=f"{count.pass_name}-action-only"))
     print(kernel_counts.format_counts(counts))
     result = {"device": env["device"], "workload": args.workload, "versions": versions(env), "environment": env,
               "kernels": [c.row() for c in counts]}

@@ -188,10 +188,11 @@ def count_all(config: WAMConfig, dtype: torch.dtype = torch.float32, device="cpu
 
 def format_counts(counts: List[PassCount]) -> str:
     """One line per (variant, pass): kernels per layer, outside the layers, host copies, and the ops."""
-    lines = [f"{'variant':8s} {'pass':9s} {'per layer':>9s} {'outside':>8s} {'host->dev':>9s}  ops per layer"]
+    width = max([9] + [len(c.pass_name) for c in counts])
+    lines = [f"{'variant':8s} {'pass':{width}s} {'per layer':>9s} {'outside':>8s} {'host->dev':>9s}  ops per layer"]
     for c in counts:
         ops = ", ".join(f"{op.split('.', 1)[-1]} {n:g}" for op, n in sorted(c.layer_ops.items(), key=lambda x: -x[1]))
-        lines.append(f"{c.variant:8s} {c.pass_name:9s} {c.per_layer:9g} {c.outside:8d} {c.host_copies:9d}  {ops}")
+        lines.append(f"{c.variant:8s} {c.pass_name:{width}s} {c.per_layer:9g} {c.outside:8d} {c.host_copies:9d}  {ops}")
     return "\n".join(lines)
 
 

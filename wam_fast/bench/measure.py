@@ -102,7 +102,8 @@ def measure(variant: Variant, model, inputs: dict, cfg, args, device, ceilings: 
         "p90_ms": round(percentile(times, 90), 3),
         "peak_mem_bytes": int(peak),
         # what the row runs (they differ row by row: see tests/test_bench.py)
-        "model": ("shortcut student (mask=temporal)" if variant.student else
+        "model": (("shortcut student (mask=temporal, action-only)" if variant.future_frames == 0 else
+                   "shortcut student (mask=temporal)") if variant.student else
                   "teacher (compiled)" if variant.compiled else "teacher (eager)"),
         "sampler": chunk.sampler,
         "cfg_scale": variant.cfg_scale,

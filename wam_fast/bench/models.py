@@ -28,13 +28,16 @@ def temporal_twin(model: torch.nn.Module) -> torch.nn.Module:
     return weight_twin(model, mask="temporal")
 
 
-def shortcut_student(model: torch.nn.Module, steps=DEFAULT_STEPS, seed: int = 0) -> torch.nn.Module:
+def shortcut_student(model: torch.nn.Module, steps=DEFAULT_STEPS, seed: int = 0,
+                     future_frames=None) -> torch.nn.Module:
     """A shortcut student of ``model``'s backbone for latency: mask="temporal", distillation="shortcut",
-    distilled_steps = sorted(steps). It holds the teacher's parameter tensors (no copy: W1 would need
-    11 GB more) plus its own step-size embedding, drawn at random (its last linear is zero in a
-    fresh student; values do not change latency, so it is drawn like any weight here)."""
+    distilled_steps = sorted(steps), ``future_frames`` (0: action-only). It holds the teacher's parameter
+    tensors (no copy: W1 would need 11 GB more) plus its own step-size embedding, drawn at random (its
+    last linear is zero in a fresh student; values do not change latency, so it is drawn like any weight
+    here)."""
     config = dataclasses.replace(model.config, mask="temporal", distillation="shortcut",
-                                 distilled_steps=tuple(sorted(set(int(s) for s in steps))))
+                                 distilled_steps=tuple(sorted(set(int(s) for s in steps))),
+                                 future_frames=future_frames)
     with torch.device("meta"):
         student = wam_fast.WAMTransformer(config)
     result = student.load_state_dict(model.state_dict(), strict=False, assign=True)

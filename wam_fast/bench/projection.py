@@ -228,21 +228,26 @@ def chunk_passes(variant: Variant, batch: int) -> tuple:
     return kind, batch, passes, "graph"
 
 
-def student_config(config, steps):
+def student_label(variant: Variant) -> str:
+    return "action-only shortcut student" if variant.future_frames == 0 else "shortcut student"
+
+
+def student_config(config, steps, future_frames=None):
     return dataclasses.replace(config, mask="temporal", distillation="shortcut",
-                               distilled_steps=tuple(sorted(set(int(s) for s in steps))))
+                               distilled_steps=tuple(sorted(set(int(s) for s in steps))), future_frames=future_frames)
 
 
 def trace_rows(config, rows: List[Variant], batch: int, steps) -> Dict[str, dict]:
     """{row name: {"kind", "rows", "passes", "launch", "traces": {pass: Counter}}}, one model per kind."""
-    plans = {v.name: chunk_passes(v, batch) + (v.student,) for v in rows}
+    # a model per (kind, rows, student, future frames): an action-only student is a model of its own
+    plans = {v.name: chunk_passes(v, batch) + ((v.student, v.future_frames),) for v in rows}
     wanted = collections.defaultdict(set)
     for kind, n, passes, _, student in plans.values():
         wanted[(kind, n, student)].update(p for p, _ in passes)
     traces = {}
-    for (kind, n, student), names in wanted.items():
-        model_config = student_config(config, steps) if student else config
-        traces[(kind, n, student)] = trace_passes(meta_model(model_config, kind), n, sorted(names))
+    for (kind, n, (student, frames)), names in wanted.items():
+        model_config = student_config(config, steps, frames) if student else config
+        traces[(kind, n, (student, frames))] = trace_passes(meta_model(model_config, kind), n, sorted(names))
     return {name: {"kind": kind, "rows": n, "passes": passes, "launch": launch, "traces": traces[(kind, n, student)]}
             for name, (kind, n, passes, launch, student) in plans.items()}
 
@@ -339,7 +344,9 @@ def project(workload: str, devices: Sequence[str], batch: int = 1, steps=DEFAULT
             pass_tables[f"{plan['kind']} {pass_name} rows={plan['rows']}"] = aggregate(plan["traces"][pass_name])
         out_rows.append({
             "name": v.name, "steps": v.steps, "fp8": v.fp8, "cache": v.cache,
-            "model": f"{'shortcut student' if v.student else 'teacher'}, {plan['kind']}",
+            "model": f"{student_label(v) if v.student else 'teacher'}, {plan['kind']}",
+            "tokens_per_step": (student_config(config, steps, v.future_frames) if v.student else config).noisy_tokens
+                               if v.cache else None,
             "launch": "eager launches" if plan["launch"] == "eager" else "one CUDA graph per chunk",
             "rows": plan["rows"], "passes": [list(p) for p in plan["passes"]],
             "flops": flops, "tflop": round(flops / 1e12, 4),

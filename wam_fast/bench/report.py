@@ -59,8 +59,8 @@ def format_table(workload: str, rows: List[dict]) -> str:
 
 
 def format_accounting(entries: List[dict]) -> str:
-    head = ("workload", "steps x rows", "model", "tokens / chunk", "TFLOP / chunk", "vs uncached",
-            "text once per instruction", "KV cache (bf16)")
+    head = ("workload", "steps x rows", "model", "noisy tokens / step", "tokens / chunk", "TFLOP / chunk",
+            "vs uncached", "text once per instruction", "KV cache (bf16)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     uncached = {}
     for e in entries:
@@ -69,8 +69,8 @@ def format_accounting(entries: List[dict]) -> str:
         ratio = f"{uncached[e['workload']] / e['tflop']:.2f}x fewer FLOPs" if e["cache"] else "-"
         text = f"{e['text_tokens']} tokens, {e['text_tflop']:.2f} TFLOP" if e["cache"] else "-"
         memory = format_bytes(e["cache_bytes_bf16"]) if e["cache"] else "-"
-        cells = (e["workload"], f"{e['steps']} x {e['rows']}", e["model"], e["tokens"], f"{e['tflop']:.2f}", ratio,
-                 text, memory)
+        cells = (e["workload"], f"{e['steps']} x {e['rows']}", e["model"], e.get("noisy_tokens", "-"), e["tokens"],
+                 f"{e['tflop']:.2f}", ratio, text, memory)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

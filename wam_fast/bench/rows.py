@@ -23,7 +23,8 @@ DEFAULT_STEPS = (4, 2, 1)
 
 @dataclass
 class Variant:
-    """One row: which model (the teacher or its shortcut student), how it samples, which levers."""
+    """One row: which model (the teacher or its shortcut student), how it samples, which levers.
+    ``future_frames`` (students): the future frames the student denoises; 0 = action-only (None: all)."""
 
     name: str
     sampler: str
@@ -34,10 +35,12 @@ class Variant:
     compiled: bool = False  # False: wam_fast.sample, eager; True: WAMPolicy.act after wam_fast.compile
     fp8: bool = False
     cache: bool = False
+    future_frames: Optional[int] = None
 
 
-def student_row_name(steps: int, fp8: bool, cache: bool, dtype: str) -> str:
-    return f"wam_fast-{steps}step-{'fp8' if fp8 else dtype}-{'cache' if cache else 'nocache'}"
+def student_row_name(steps: int, fp8: bool, cache: bool, dtype: str, action_only: bool = False) -> str:
+    kind = "action-only-" if action_only else ""
+    return f"wam_fast-{kind}{steps}step-{'fp8' if fp8 else dtype}-{'cache' if cache else 'nocache'}"
 
 
 def variants(args) -> List[Variant]:
@@ -46,7 +49,9 @@ def variants(args) -> List[Variant]:
 
 
 def variants_for(workload: str, dtype: str, steps=DEFAULT_STEPS) -> List[Variant]:
-    """Every row, in the order it runs: baselines, then bf16 (or the run's dtype) students, then FP8."""
+    """Every row, in the order it runs: baselines, then bf16 (or the run's dtype) students, then FP8;
+    after each precision's students, its action-only students (``future_frames=0``, cached only: the
+    fastest chunk, the robot's path)."""
     first_order = "ddim" if configs.get(workload).objective == "v_prediction" else "euler"
     rows = [Variant("released-baseline", "dpm++2m-sde", 50, 6.0, "dynamic"),
             Variant("paper-baseline", "ddim", 10, 6.0),
@@ -58,6 +63,9 @@ def variants_for(workload: str, dtype: str, steps=DEFAULT_STEPS) -> List[Variant
             for cache in (True, False):
                 rows.append(Variant(student_row_name(s, fp8, cache, dtype), first_order, s, 1.0,
                                     student=True, compiled=True, fp8=fp8, cache=cache))
+        for s in steps:
+            rows.append(Variant(student_row_name(s, fp8, True, dtype, action_only=True), first_order, s, 1.0,
+                                student=True, compiled=True, fp8=fp8, cache=True, future_frames=0))
     return rows
 
 

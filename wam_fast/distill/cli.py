@@ -3,7 +3,7 @@
 Three commands (``python -m wam_fast.distill --help`` documents every option):
 
   python -m wam_fast.distill --teacher CKPT --data DIR --out DIR [--method shortcut|consistency]
-        [--steps 1,2,4] [--mask temporal|full] [--history N] [--cfg-scale S] [--rollout]
+        [--steps 1,2,4] [--mask temporal|full] [--history N] [--future-frames K] [--cfg-scale S] [--rollout]
         [--train-steps N] [--batch-size N] [--micro-batch-size N] [--lr F] [--ema-decay F]
         [--checkpoint-every N] [--precision bf16|fp32] [--parallel auto|none|ddp|fsdp] [--seed N]
         [--solver-steps N] [--eval-conditions N] [--eval-seeds N] [--teacher-steps N]
@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     student.add_argument("--history", type=_non_negative, default=None, metavar="N",
                          help="clean past frames a temporal student sees (default: the history frames of "
                               "the data, 0 without)")
+    student.add_argument("--future-frames", type=_non_negative, default=None, metavar="K",
+                         help="temporal students: the future latent frames the student denoises beside the "
+                              "action chunk; 0 = an action-only student that predicts no video (the fastest "
+                              "chunk: its noisy tokens are the actions alone); default: all of the teacher's")
     student.add_argument("--cfg-scale", type=_number, default=None, metavar="S",
                          help="classifier-free guidance of the teacher baked into the student (default: the "
                               "teacher's default guidance, wam_fast.sampling.default_options)")
@@ -240,7 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unused = [flag for flag, given in (
                 ("--rollout", args.rollout), ("--history", args.history is not None),
                 ("--precision", args.precision is not None), ("--micro-batch-size", args.micro_batch_size is not None),
-                ("--parallel", args.parallel != "auto"), ("--teacher-steps", args.teacher_steps is not None)) if given]
+                ("--parallel", args.parallel != "auto"), ("--teacher-steps", args.teacher_steps is not None),
+                ("--future-frames", args.future_frames is not None)) if given]
             if unused:
                 raise CLIError(f"{', '.join(unused)}: options of a run with --teacher and --data; the demo "
                                "(no --teacher / --data) does not take them")
@@ -267,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 checkpoint_every=args.checkpoint_every, precision=args.precision, parallel=args.parallel,
                 seed=args.seed, eval_conditions=args.eval_conditions, eval_seeds=args.eval_seeds,
                 teacher_steps=args.teacher_steps, eval_batch_size=args.eval_batch_size,
-                solver_steps=args.solver_steps, progress=not args.no_progress)
+                solver_steps=args.solver_steps, progress=not args.no_progress, future_frames=args.future_frames)
         return 0
     except CLIError as error:
         print(f"python -m wam_fast.distill: error: {error}", file=sys.stderr, flush=True)

@@ -223,10 +223,12 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
             checkpoint_every: int = 500, precision: Optional[str] = None, parallel: str = "auto", seed: int = 0,
             eval_conditions: Optional[int] = None, eval_seeds: int = 4, teacher_steps: Optional[int] = None,
             eval_batch_size: int = 64, solver_steps: Optional[int] = None, progress: bool = True,
-            tensorboard: bool = True):
+            tensorboard: bool = True, future_frames: Optional[int] = None):
     """The distill command (``cli`` module docstring) as a function; returns the EvalReport (None on ranks > 0).
 
     teacher, data, out   directories: the teacher checkpoint, the latent dataset, the run's output
+    future_frames  the future frames a temporal student denoises (None: the teacher's, all; 0: an
+                   action-only student, which predicts no video)
     Raises CLIError (before writing anything) for a bad input.
     """
     if method not in METHODS:
@@ -248,13 +250,16 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
         history = dataset.fields["history"].shape[0] if mask == "temporal" and "history" in dataset.fields else 0
     if history and mask != "temporal":
         raise CLIError(f"--history {history} needs --mask temporal (history frames are clean context)")
+    if future_frames is not None and mask != "temporal":
+        raise CLIError(f"--future-frames {future_frames} needs --mask temporal (the current frame is clean context "
+                       f"there, so the student's noisy tokens can leave out future frames)")
     if cfg_scale is None:
         cfg_scale = default_options(tc)[2]
     if cfg_scale < 0:
         raise CLIError(f"--cfg-scale must be >= 0, got {cfg_scale}")
     with _checking("the student"):
         student = objectives.make_student(teacher_model, method, steps, mask=mask, history_frames=history,
-                                          cfg_scale=float(cfg_scale))
+                                          cfg_scale=float(cfg_scale), future_frames=future_frames)
     with _checking(f"--method {method}"):
         objective = objectives.objective_for(method, teacher_model, student.config, **objective_options)
     _check_data_fits(dataset, student.config)
@@ -283,6 +288,8 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
                 "checkpoint_every": checkpoint_every, "precision": precision, "parallel": parallel, "seed": seed,
                 "eval_conditions": eval_conditions, "eval_seeds": eval_seeds, "teacher_steps": teacher_steps,
                 "eval_batch_size": eval_batch_size, "solver_steps": solver_steps}
+    if future_frames is not None:  # only when given: runs of earlier versions resume with the same settings
+        settings["future_frames"] = future_frames
     check_run_file(out, settings)
     rollout_path = out / ROLLOUT_DIR
     # under torchrun the ranks agree on rank 0's view of the rollout (rank 0 may be writing it already)
@@ -307,7 +314,9 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
             torch.distributed.barrier()
         train_data = open_dataset(rollout_path, "the rollout")
     try:
-        say(f"distilling {tc.name!r} ({tc.mask} mask) into a {method} student ({mask} mask, steps "
+        frames = "" if future_frames is None else (", action-only: no video" if student.config.action_only
+                                                   else f", {future_frames} future frames")
+        say(f"distilling {tc.name!r} ({tc.mask} mask) into a {method} student ({mask} mask{frames}, steps "
              f"{','.join(map(str, steps))}, guidance {float(cfg_scale):g} baked in): {train_steps} steps of "
              f"{batch_size} on {len(train_rows)} samples, {eval_conditions} held out; output in {out}")
         with _checking(f"training into {out}"):  # a run already in out, a damaged or different checkpoint

@@ -6,7 +6,8 @@ history / robot id) and each of ``seeds`` seeds, one noise draw is made from tha
 own generator: video noise for all ``latent_frames`` latent frames and action noise. A full-mask
 model denoises every latent frame and gets all of it; a temporal model denoises the future frames
 1.. and gets frames 1.. of the same draw, with the same action noise. Video is only ever compared on
-the future frames 1.. (frame 0 is the observation). Because the noise belongs to the row and not to
+the future frames 1.. (frame 0 is the observation), those the student predicts: an action-only student
+(``future_frames=0``) has no video numbers (shown as "-"). Because the noise belongs to the row and not to
 the batch, the results do not depend on ``batch_size``.
 
 Models sampled from that noise:
@@ -259,16 +260,27 @@ def row_noise(config, row_seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return video, torch.randn((config.action_len, config.action_dim), generator=g)
 
 
-def _future(config, video: torch.Tensor) -> torch.Tensor:
-    """The future latent frames 1.. of a model's sampled video (all frames for full, already future for temporal)."""
-    return video[:, video.shape[1] - (config.latent_frames - 1):]
+def _future(config, video: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    """The future latent frames 1.. a model sampled (frame 0 dropped for full; a temporal model's are
+    the future ones, the first ``future_frames`` of them: (rows, 0, C, H, W) for an action-only model)."""
+    if video is None:
+        return torch.zeros((rows, 0, config.latent_channels, config.latent_height, config.latent_width))
+    return video[:, 1:] if config.mask == "full" else video
+
+
+def _video_rmse(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``_rmse`` over the future frames both have (x's, the first of y's); nan when x has none (an
+    action-only model: no video to compare)."""
+    if x.shape[1] == 0:
+        return math.nan
+    return _rmse(x, y[:, :x.shape[1]])
 
 
 # ---- sampling -------------------------------------------------------------------------------------
 @dataclass
 class _Run:
     actions: torch.Tensor  # (R, K, A) float32 CPU, rows ordered (condition, seed)
-    future: torch.Tensor  # (R, latent_frames - 1, C, H, W)
+    future: torch.Tensor  # (R, future frames the model predicts, C, H, W)
     nfe: int
 
 
@@ -278,7 +290,9 @@ def _sample_rows(model, tensors, row_conditions: torch.Tensor, sampler_seeds: Se
     config = model.config
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
-    noisy_frames = config.noisy_frames
+    # the frames of the row's noise a model denoises: all (full), or future frames 1..k (temporal)
+    first = 0 if config.mask == "full" else 1
+    noisy = slice(first, first + config.noisy_frames)
     # One row at a time when the sampler draws noise inside the loop (see the module docstring).
     chunk = 1 if sampler in STOCHASTIC_SAMPLERS and steps > 1 else batch_size
     if chunk == 1 and batch_size > 1:
@@ -299,9 +313,9 @@ def _sample_rows(model, tensors, row_conditions: torch.Tensor, sampler_seeds: Se
         out = sampling.sample(model, inputs["text"], inputs["image"], sampler=sampler, steps=steps,
                               cfg_scale=cfg_scale, seed=sampler_seeds[start] if chunk == 1 else 0, return_video=True,
                               history=inputs.get("history"), robot_id=inputs.get("robot_id"),
-                              noise=(video_noise[:, video_noise.shape[1] - noisy_frames:], action_noise))
+                              noise=(video_noise[:, noisy], action_noise))
         actions.append(out.actions.float().cpu())
-        future.append(_future(config, out.video.float().cpu()))
+        future.append(_future(config, None if out.video is None else out.video.float().cpu(), len(rows)))
         nfe = out.nfe
     return _Run(torch.cat(actions), torch.cat(future), nfe)
 
@@ -392,7 +406,7 @@ def evaluate(teacher, student, conditions, *, steps: Optional[Sequence[int]] = N
     def data_error(r: _Run, name: str) -> Optional[float]:
         if name not in targets:
             return None
-        return _rmse(r.actions if name == "actions" else r.future, targets[name])
+        return _rmse(r.actions, targets[name]) if name == "actions" else _video_rmse(r.future, targets[name])
 
     reference_spread = _spread(reference.actions, n, seeds)
     results = []
@@ -404,8 +418,8 @@ def evaluate(teacher, student, conditions, *, steps: Optional[Sequence[int]] = N
             steps=k,
             student_action_error=_rmse(stu.actions, reference.actions),
             teacher_action_error=_rmse(tk.actions, reference.actions),
-            student_video_error=_rmse(stu.future, reference.future),
-            teacher_video_error=_rmse(tk.future, reference.future),
+            student_video_error=_video_rmse(stu.future, reference.future),
+            teacher_video_error=_video_rmse(tk.future, reference.future),
             student_spread=student_spread,
             teacher_spread=_spread(tk.actions, n, seeds),
             spread_ratio=_ratio(student_spread, reference_spread),

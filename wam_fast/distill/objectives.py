@@ -32,6 +32,13 @@ frames noisy) may learn from a ``mask="full"`` teacher, which denoises all laten
 then sees latent frame 0 noised to the same timestep along a fixed noise (``noise0``), i.e. exactly
 on its own trajectory of the known clean frame, and its prediction of frame 0 is not a target.
 
+Action-only students (``future_frames=k``, k below the teacher's future frames; 0: actions alone): the
+teacher still denoises every frame. The frames the student leaves out are the data's future frames
+noised to the student's timestep along a fixed noise (``noise_later``), and only the teacher's output
+for the student's own tokens is a target. So the student regresses the teacher's velocity of the
+actions averaged over the futures it does not see: the velocity of the actions' own marginal flow,
+which is what a sampler of the actions alone needs (the frame and text stay its condition).
+
 Row kinds (fine / coarse) are set by row position (every ``period``-th row is coarse), so every
 micro-batch of a multiple of ``period`` rows has the same number of each and every rank runs the same
 forwards (FSDP's collectives need that).
@@ -130,10 +137,16 @@ def _check_batch(batch: Dict[str, torch.Tensor]) -> None:
 
 
 def clean_targets(config: WAMConfig, batch) -> torch.Tensor:
-    """The clean latents a model of ``config`` denoises: all frames (full) or the future ones (temporal)."""
+    """The clean latents a model of ``config`` denoises: all frames (full) or the future ones (temporal;
+    the first ``config.future_frames`` of them, none for an action-only model)."""
     if config.mask == "full":
         return torch.cat((batch["image"], batch["future"]), dim=1)
-    return batch["future"]
+    return batch["future"][:, :config.noisy_frames]
+
+
+def predicted_future_frames(config: WAMConfig) -> int:
+    """Future latent frames (after the current one) a model of ``config`` predicts."""
+    return config.noisy_frames - 1 if config.mask == "full" else config.noisy_frames
 
 
 def context(config: WAMConfig, batch) -> dict:
@@ -184,7 +197,9 @@ def _weighted_mse(config, pred: torch.Tensor, target: torch.Tensor, video_weight
     if pv.shape[0] == 0:
         zero = pred.sum() * 0.0
         return zero, zero.detach(), zero.detach()
-    video_mse, action_mse = F.mse_loss(pv, tv), F.mse_loss(pa, ta)
+    action_mse = F.mse_loss(pa, ta)
+    # an action-only model has no video: its video term is 0 (the mean of no elements would be NaN)
+    video_mse = F.mse_loss(pv, tv) if pv.numel() else action_mse * 0.0
     return video_weight * video_mse + action_weight * action_mse, video_mse.detach(), action_mse.detach()
 
 
@@ -308,15 +323,21 @@ def check_teacher_student(teacher_config: WAMConfig, student_config: WAMConfig) 
     if teacher_config.mask == "temporal" and student_config.mask == "full":
         raise ValueError("a mask='full' student cannot learn from a mask='temporal' teacher (the teacher does not "
                          "denoise the current frame); use a temporal student")
+    if predicted_future_frames(student_config) > predicted_future_frames(teacher_config):
+        raise ValueError(f"the student predicts {predicted_future_frames(student_config)} future frames, its teacher "
+                         f"only {predicted_future_frames(teacher_config)} (future_frames "
+                         f"{teacher_config.future_frames}); a student can leave frames out, not add them")
 
 
 def make_student(teacher, method: str, steps: Sequence[int] = (1, 2, 4), mask: Optional[str] = None,
-                 history_frames: Optional[int] = None, cfg_scale: float = 1.0):
+                 history_frames: Optional[int] = None, cfg_scale: float = 1.0, future_frames: Optional[int] = None):
     """A student initialised from the teacher's weights (a WAMTransformer on the teacher's device,
     float32): ``distillation=method``, ``distilled_steps=steps``, ``distilled_cfg_scale=cfg_scale``,
     ``mask`` (default the teacher's) and ``history_frames`` (temporal students; default the teacher's,
-    0 for a full teacher). A shortcut student's step embedding starts at zero, so at first it
-    predicts exactly what the teacher does."""
+    0 for a full teacher). ``future_frames`` (temporal students): the future frames the student
+    denoises, 0 for an action-only student (default: the teacher's, all of them). A shortcut
+    student's step embedding starts at zero, so at first it predicts exactly what the teacher does
+    (with every frame it denoises)."""
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
     tc = getattr(teacher, "config", None)
@@ -327,9 +348,12 @@ def make_student(teacher, method: str, steps: Sequence[int] = (1, 2, 4), mask: O
     mask = tc.mask if mask is None else mask
     if history_frames is None:
         history_frames = tc.history_frames if mask == "temporal" else 0
-    config = dataclasses.replace(tc, name=f"{tc.name}-{method}", mask=mask, history_frames=history_frames,
+    if future_frames is None and mask == "temporal" and tc.mask == "temporal":
+        future_frames = tc.future_frames
+    suffix = "" if future_frames is None else f"-future{future_frames}"
+    config = dataclasses.replace(tc, name=f"{tc.name}-{method}{suffix}", mask=mask, history_frames=history_frames,
                                  distillation=method, distilled_steps=_check_steps(steps),
-                                 distilled_cfg_scale=float(cfg_scale))
+                                 distilled_cfg_scale=float(cfg_scale), future_frames=future_frames)
     check_teacher_student(tc, config)
     param = next(teacher.parameters())
     student = WAMTransformer(config).to(param.device)
@@ -337,6 +361,9 @@ def make_student(teacher, method: str, steps: Sequence[int] = (1, 2, 4), mask: O
     missing, unexpected = student.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("step_embed.") for k in missing):
         raise ValueError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
+    if config.action_only:  # its video head never runs: kept as the teacher's, out of DDP's gradient reduction
+        for head in (student.video_out_norm, student.video_proj):
+            head.requires_grad_(False)
     return student
 
 
@@ -362,8 +389,10 @@ class _Distillation:
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
         self.video_weight, self.action_weight = video_weight, action_weight
-        # a full teacher of a temporal student also denoises frame 0 (see the module docstring)
+        # a full teacher of a temporal student also denoises frame 0, and a teacher of a student with fewer
+        # future frames (an action-only one) the frames after the student's (see the module docstring)
         self.teacher_adds_frame0 = tc.mask == "full" and config.mask == "temporal"
+        self.teacher_adds_frames = predicted_future_frames(tc) - predicted_future_frames(config)
 
     def _state_size(self) -> int:
         c = self.config
@@ -371,18 +400,32 @@ class _Distillation:
 
     def _noise(self, rows, generator):
         c = self.config
-        return {"noise": torch.randn((rows, self._state_size()), generator=generator),
-                "noise0": torch.randn((rows, 1, c.latent_channels, c.latent_height, c.latent_width),
-                                      generator=generator)}
+        frame = (c.latent_channels, c.latent_height, c.latent_width)
+        draws = {"noise": torch.randn((rows, self._state_size()), generator=generator),
+                 "noise0": torch.randn((rows, 1) + frame, generator=generator)}
+        if self.teacher_adds_frames:  # drawn last: other students keep the draws of earlier versions
+            draws["noise_later"] = torch.randn((rows, self.teacher_adds_frames) + frame, generator=generator)
+        return draws
 
     @torch.no_grad()
-    def teacher_output(self, x: torch.Tensor, t: torch.Tensor, batch, noise0: torch.Tensor) -> torch.Tensor:
+    def teacher_output(self, x: torch.Tensor, t: torch.Tensor, batch, noise0: torch.Tensor,
+                       noise_later: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The teacher's guided output (uncond + cfg_scale * (cond - uncond), zero uncond text) at
-        the student's state x (rows, video + actions), flattened like x."""
+        the student's state x (rows, video + actions), flattened like x. Frames the teacher denoises
+        and the student does not (frame 0, the future frames after the student's) are the data's own,
+        noised to t along ``noise0`` / ``noise_later``: the teacher's trajectory of the known frames."""
         video, actions = _split(self.config, x)
         tc = self.teacher_config
+        alpha, sigma = alpha_sigma(self.schedule, t)
+        if self.teacher_adds_frames:
+            known = predicted_future_frames(self.config)
+            later = batch["future"][:, known:known + self.teacher_adds_frames].float()
+            if noise_later is None:
+                raise ValueError("teacher_output: this student leaves out future frames the teacher denoises; "
+                                 "pass the draws' noise_later")
+            later = _rows(alpha, later) * later + _rows(sigma, later) * noise_later.to(later.device)
+            video = torch.cat((video, later), dim=1)
         if self.teacher_adds_frame0:
-            alpha, sigma = alpha_sigma(self.schedule, t)
             image = batch["image"].float()
             frame0 = _rows(alpha, image) * image + _rows(sigma, image) * noise0.to(image.device)
             video = torch.cat((frame0, video), dim=1)
@@ -394,8 +437,8 @@ class _Distillation:
             text = torch.cat((text, torch.zeros_like(text)))
             video, actions, t = torch.cat((video, video)), torch.cat((actions, actions)), torch.cat((t, t))
         video_out, action_out = run_model(self.teacher, tc, video, text, actions, t, ctx)
-        if self.teacher_adds_frame0:
-            video_out = video_out[:, 1:]
+        first = 1 if self.teacher_adds_frame0 else 0
+        video_out = video_out[:, first:first + self.config.noisy_frames]
         out = _flat(video_out, action_out)
         if guided:
             cond, uncond = out.chunk(2)
@@ -459,7 +502,7 @@ class ShortcutObjective(_Distillation):
         x0, x_t = self._x0_and_noisy(batch, draws, t)
         ctx = context(c, batch)
         # fine rows: the guided teacher; coarse rows: two half steps of the EMA student
-        target = self.teacher_output(x_t, t, batch, draws["noise0"])
+        target = self.teacher_output(x_t, t, batch, draws["noise0"], draws.get("noise_later"))
         if bool(coarse.any()):
             rows = coarse.to(x_t.device)
             sub = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -522,7 +565,7 @@ class ConsistencyObjective(_Distillation):
         x0, x_t = self._x0_and_noisy(batch, draws, t)
         ctx = context(c, batch)
         with torch.no_grad():
-            v_teacher = self.teacher_output(x_t, t, batch, draws["noise0"])
+            v_teacher = self.teacher_output(x_t, t, batch, draws["noise0"], draws.get("noise_later"))
             x_next = sampler_step(self.schedule, x_t, v_teacher, t, t_next)
             video, actions = _split(c, x_next)
             ema_out = _flat(*run_model(ema, c, video, batch["text"], actions, t_next.clamp_min(0), ctx))

@@ -81,6 +81,10 @@ def teacher_rollout(teacher, conditions, directory: PathLike, *, sampler: Option
     if param is None:
         raise ValueError("teacher has no parameters, so its dtype and device are unknown")
     dtype, device = param.dtype, param.device
+    if config.mask == "temporal" and config.noisy_frames < config.latent_frames - 1:
+        raise ValueError(f"teacher_rollout writes every future frame ({config.latent_frames - 1}, latent_frames - 1) "
+                         f"as a target, but the teacher {config.name!r} predicts {config.noisy_frames} "
+                         f"(future_frames={config.future_frames}); roll out a teacher that predicts the whole clip")
 
     defaults = _default_options(config)
     sampler, steps, cfg_scale = (d if v is None else v for v, d in zip((sampler, steps, cfg_scale), defaults))

@@ -12,7 +12,8 @@ Per task, each stage reuses what OUT/<task> already holds (a re-run resumes wher
    mask, joint future frame + action chunk) trained with ``DiffusionObjective``; sampled with DDIM, 10 steps;
 3. ``student-shortcut/``, ``student-consistency/``: ``python -m wam_fast.distill`` of that teacher
    (temporal mask, KV-cacheable, 1/2/4 steps), run as a subprocess with the command printed (reused
-   only for the same command and teacher weights);
+   only for the same command and teacher weights); ``student-action-only-shortcut/``,
+   ``student-action-only-consistency/``: the same with ``--future-frames 0`` (no predicted frame);
 4. closed-loop evaluation on the held-out layouts (MT1 seed 1) of every row of ``MODELS``: all
    episodes of a row run as one batch, each replans after ``execute`` actions of its chunk; success =
    Meta-World's ``info["success"]`` within ``horizon`` steps, with a 95% Wilson interval; latency =
@@ -40,7 +41,7 @@ from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import RESULTS_DIR, environment, markdown_table, plot, write_results
 from wam_fast.eval.rollout import chunk_latency_ms, evaluate_row, make_policy
-from wam_fast.eval.settings import DISTILL_METHODS, MODELS, Settings, model_config
+from wam_fast.eval.settings import MODELS, STUDENTS, Settings, model_config
 from wam_fast.eval.stages import distill_command, distill_student, make_demos, make_latents, train_teacher
 
 logger = logging.getLogger("wam_fast.eval")
@@ -77,15 +78,22 @@ def retime(settings: Settings, results_dir: Path = RESULTS_DIR) -> dict:
     return results
 
 
+def same_run(old: Optional[dict], new: dict) -> bool:
+    """Whether rows recorded with settings ``old`` belong to a run with settings ``new``: every setting
+    equal except the list of rows asked for (a row is measured alone, so adding rows keeps the others)."""
+    return old is not None and {k: v for k, v in old.items() if k != "models"} == \
+        {k: v for k, v in new.items() if k != "models"}
+
+
 def _last_metrics(path: Path) -> Optional[dict]:
     lines = path.read_text().splitlines() if path.is_file() else []
     return json.loads(lines[-1]) if lines else None
 
 
-def _distill_summary(settings: Settings, teacher: Path, demos: Path, out: Path, method: str) -> dict:
+def _distill_summary(settings: Settings, teacher: Path, demos: Path, out: Path, source: str) -> dict:
     """The distill command, its last training metrics and its own evaluation table (OUT/eval.json)."""
     report = json.loads((out / "eval.json").read_text())
-    command = distill_command(settings, teacher, demos, out, method)
+    command = distill_command(settings, teacher, demos, out, *STUDENTS[source])
     return {"command": "python " + " ".join(command[1:]), "metrics": report.get("train", {}).get("metrics"),
             "distill_eval_table": report.get("table")}
 
@@ -117,7 +125,7 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
         results["training"]["teacher_pretrain"] = _last_metrics(task_dir / "teacher" / "pretrain" / "metrics.jsonl")
     if path.is_file():  # resume: keep rows measured with the same settings, and how they were timed
         old = json.loads(path.read_text())
-        if old.get("settings") == settings_dict:
+        if same_run(old.get("settings"), settings_dict):
             results["models"] = [m for m in old["models"] if m["name"] in settings.models]
             results.update({key: old[key] for key in ("environment", "retimed") if key in old})
     config = model_config(settings)
@@ -141,12 +149,12 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
     try:
         # The teacher first: whether it learned the task is known before any student is trained.
         evaluate([row for row in rows if row.source == "teacher"])
-        for method in DISTILL_METHODS:
-            if any(row.source == method for row in rows):
-                checkpoints[method] = distill_student(settings, checkpoints["teacher"], demos,
-                                                      task_dir / f"student-{method}", method)
-                results["training"][method] = _distill_summary(settings, checkpoints["teacher"], demos,
-                                                               task_dir / f"student-{method}", method)
+        for source, (method, future_frames) in STUDENTS.items():
+            if any(row.source == source for row in rows):
+                checkpoints[source] = distill_student(settings, checkpoints["teacher"], demos,
+                                                      task_dir / f"student-{source}", method, future_frames)
+                results["training"][source] = _distill_summary(settings, checkpoints["teacher"], demos,
+                                                               task_dir / f"student-{source}", source)
         evaluate([row for row in rows if row.source != "teacher"])
     finally:
         for env in envs:

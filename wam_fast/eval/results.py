@@ -74,7 +74,8 @@ def plot(results: dict, path: Path) -> Path:
     lo = success - np.array([r["ci95"][0] for r in rows]) * 100
     hi = np.array([r["ci95"][1] for r in rows]) * 100 - success
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = ["#444444" if n.startswith("teacher") else "#1f77b4" if n.startswith("shortcut") and "fp8" not in n
+    colors = ["#444444" if n.startswith("teacher") else "#9467bd" if n.startswith("action-only")
+              else "#1f77b4" if n.startswith("shortcut") and "fp8" not in n
               else "#ff7f0e" if n.startswith("consistency") else "#2ca02c" for n in names]
     ax1.bar(range(len(rows)), success, yerr=[lo, hi], color=colors, capsize=3)
     ax1.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)

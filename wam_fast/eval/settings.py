@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 from wam_fast.configs import WAMConfig
 from wam_fast.eval import autoencoder
@@ -16,7 +16,7 @@ class ModelRow:
     """One evaluated policy: which checkpoint, how it samples, and how it is compiled."""
 
     name: str
-    source: str  # "teacher", "shortcut" or "consistency"
+    source: str  # "teacher", or a key of STUDENTS: "shortcut", "consistency", "action-only-shortcut", ...
     steps: int
     cache: bool = False
     fp8: bool = False
@@ -27,12 +27,21 @@ class ModelRow:
 
 
 DISTILL_METHODS = ("shortcut", "consistency")
+# Each distilled student of the run: source name -> (method, future_frames). The action-only students
+# (future_frames=0) denoise the action chunk alone: no predicted frame, the fastest chunk.
+STUDENTS: Dict[str, Tuple[str, Optional[int]]] = {
+    **{method: (method, None) for method in DISTILL_METHODS},
+    **{f"action-only-{method}": (method, 0) for method in DISTILL_METHODS},
+}
 MODELS: Tuple[ModelRow, ...] = (
     ModelRow("teacher", "teacher", 10),
     ModelRow("teacher-1step", "teacher", 1),
     ModelRow("teacher-2step", "teacher", 2),
     *(ModelRow(f"{method}-{k}step", method, k, cache=True) for method in DISTILL_METHODS for k in (1, 2, 4)),
     *(ModelRow(f"shortcut-{k}step-fp8", "shortcut", k, cache=True, fp8=True) for k in (1, 2, 4)),
+    *(ModelRow(f"action-only-{method}-{k}step", f"action-only-{method}", k, cache=True)
+      for method in DISTILL_METHODS for k in (1, 2, 4)),
+    ModelRow("action-only-shortcut-1step-fp8", "action-only-shortcut", 1, cache=True, fp8=True),
 )
 
 

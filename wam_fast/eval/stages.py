@@ -124,8 +124,9 @@ def train_teacher(settings: Settings, demos: Path, directory: Path, progress: bo
     return result.final
 
 
-def distill_command(settings: Settings, teacher: Path, demos: Path, out: Path, method: str) -> List[str]:
-    """The ``python -m wam_fast.distill`` command line of one student."""
+def distill_command(settings: Settings, teacher: Path, demos: Path, out: Path, method: str,
+                    future_frames: Optional[int] = None) -> List[str]:
+    """The ``python -m wam_fast.distill`` command line of one student (``future_frames=0``: action-only)."""
     steps = settings.distill_steps(method)
     command = [sys.executable, "-m", "wam_fast.distill", "--teacher", str(teacher), "--data", str(demos),
                "--out", str(out), "--method", method, "--steps", "1,2,4", "--mask", "temporal", "--cfg-scale", "1",
@@ -135,6 +136,8 @@ def distill_command(settings: Settings, teacher: Path, demos: Path, out: Path, m
                "--eval-conditions", str(16 if settings.episodes <= 2 else 64), "--eval-seeds", "2", "--no-progress"]
     if method == "consistency":
         command += ["--solver-steps", str(settings.solver_steps)]
+    if future_frames is not None:
+        command += ["--future-frames", str(future_frames)]
     return command
 
 
@@ -155,11 +158,12 @@ def _digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def distill_student(settings: Settings, teacher: Path, demos: Path, out: Path, method: str) -> Path:
+def distill_student(settings: Settings, teacher: Path, demos: Path, out: Path, method: str,
+                    future_frames: Optional[int] = None) -> Path:
     """Run ``python -m wam_fast.distill`` for one student, unless ``out`` holds the one this command
     distils from this teacher. Other settings on the same ``out``: the CLI resumes (longer training) or
     refuses them; a teacher whose weights changed since is refused here (its old student would pass)."""
-    command = distill_command(settings, teacher, demos, out, method)
+    command = distill_command(settings, teacher, demos, out, method, future_frames)
     key = {"stage": "student", "command": command[1:], "teacher_sha256": _digest(teacher)}
     if _stage_done(out, key):
         return out / "final"

@@ -128,6 +128,7 @@ def build_layout(config, num_history: int = 0, has_image: bool = True) -> Segmen
     full:     text | video (all frames, noisy) | actions
               (the image is concatenated channel-wise, zeros without one: ``has_image`` is moot)
     temporal: text | history (oldest first) | current | video (future frames) | actions
+              (no video segment for an action-only model, config.future_frames == 0)
     RoPE positions (module docstring): the current frame at P = ``config.history_frames`` whatever
     the number of history frames present, history frame i steps back at P - i, futures at P + j.
     """
@@ -161,12 +162,17 @@ def build_layout(config, num_history: int = 0, has_image: bool = True) -> Segmen
         mod_set.append(VIDEO_SET)
         noisy.append(False)
         positions.append(current)
-    future = config.latent_frames - 1
-    names += ["video", "actions"]
-    lengths += [future * tpf, config.action_len]
-    mod_set += [VIDEO_SET, VIDEO_SET]
-    noisy += [True, True]
-    positions += list(range(current + 1, current + 1 + future))
+    future = config.noisy_frames  # an action-only model (future_frames=0) has no video segment
+    if future:
+        names.append("video")
+        lengths.append(future * tpf)
+        mod_set.append(VIDEO_SET)
+        noisy.append(True)
+        positions += list(range(current + 1, current + 1 + future))
+    names.append("actions")
+    lengths.append(config.action_len)
+    mod_set.append(VIDEO_SET)
+    noisy.append(True)
     return SegmentLayout(names=tuple(names), lengths=tuple(lengths), mod_set=tuple(mod_set),
                          noisy=tuple(noisy), mask="temporal", frame_positions=tuple(positions),
                          tokens_per_frame=tpf, current_position=current)

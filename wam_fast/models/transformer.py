@@ -333,7 +333,8 @@ class WAMTransformer(nn.Module):
 
     forward(video, text, actions, timestep, image=None, history=None, robot_id=None, step_size=None)
       video    (B, F, C, H, W) noisy latents; F = config.noisy_frames (all latent frames for
-               mask="full", the future ones, latent_frames - 1, for mask="temporal")
+               mask="full", the future ones, latent_frames - 1, for mask="temporal", or
+               config.future_frames of them: an action-only model takes an empty (B, 0, C, H, W))
       text     (B, text_len, text_dim) text-encoder embeddings (T5-XXL for VideoVLA)
       actions  (B, action_len, action_dim) noisy action chunk
       timestep (B,) denoising timestep in [0, num_train_timesteps), or (B, S) one per segment of
@@ -349,7 +350,8 @@ class WAMTransformer(nn.Module):
                instantaneous velocity a teacher predicts). Its embedding ``step_embed`` is added to
                the time embedding of the noisy segments (video, actions) only, so clean context
                (text, frames) and its K/V do not depend on it (the KV cache stays exact).
-    returns (video_out, action_out) shaped like video and actions: the v-prediction (or the flow
+    returns (video_out, action_out) shaped like video and actions (video_out empty for an action-only
+    model): the v-prediction (or the flow
     velocity when config.objective == "flow_matching"); for a shortcut student, the average
     velocity over a step of ``step_size``.
 
@@ -403,7 +405,9 @@ class WAMTransformer(nn.Module):
             clean = [frames for frames in (history, image) if frames is not None]
             if clean:
                 tokens.append(self.embed_clean_frames(torch.cat(clean, dim=1)))
-        tokens += [self.embed_noisy_video(video, image), self.action_embed(actions, robot_id)]
+        if c.noisy_frames:
+            tokens.append(self.embed_noisy_video(video, image))
+        tokens.append(self.action_embed(actions, robot_id))
         temb = self.embed_time(timestep, layout, step_size)  # (B, S, E)
         h = self.run_blocks(torch.cat(tokens, dim=1), temb, ctx)
         return self.predict(h, temb, layout, video.shape)
@@ -414,12 +418,13 @@ class WAMTransformer(nn.Module):
     def embed_time(self, timestep: torch.Tensor, layout: SegmentLayout, step_size=None) -> torch.Tensor:
         """(B, S) float32 per-segment timesteps -> (B, S, E) time embeddings; with ``step_size``
         (B,) float32 (shortcut students), ``step_embed(step_size)`` is added to the noisy segments
-        (video and actions, the last two of every layout) and to no clean context segment."""
+        (video and actions, the last of every layout; actions alone for an action-only model) and to no
+        clean context segment."""
         temb = self.time_embed(timestep)
         if step_size is None:
             return temb
-        start = layout.index("video")
-        if layout.names[start:] != ("video", "actions"):
+        start = layout.index("video" if "video" in layout.names else "actions")
+        if layout.names[start:] not in (("video", "actions"), ("actions",)):
             raise RuntimeError(f"embed_time expects the noisy segments (video, actions) last, got {layout.names}")
         step = self.step_embed(step_size)[:, None]  # (B, 1, E)
         return torch.cat((temb[:, :start], temb[:, start:] + step), dim=1)
@@ -455,10 +460,12 @@ class WAMTransformer(nn.Module):
     def predict(self, h: torch.Tensor, temb: torch.Tensor, layout: SegmentLayout, video_shape):
         """Final norm and heads on the noisy video and action tokens of h (laid out as ``layout``)."""
         h = self.norm_final(h)
+        a = self.action_proj(self.action_out_norm(h[:, -self.config.action_len:], temb[:, layout.index("actions")]))
+        if "video" not in layout.names:  # action-only: an empty (B, 0, C, H, W) video, no video head
+            return h.new_zeros(video_shape), a
         video_start, video_end = layout.span("video")
         v = self.video_out_norm(h[:, video_start:video_end], temb[:, layout.index("video")])
-        a = self.action_out_norm(h[:, -self.config.action_len:], temb[:, layout.index("actions")])
-        return self.unpatchify(self.video_proj(v), video_shape), self.action_proj(a)
+        return self.unpatchify(self.video_proj(v), video_shape), a
 
     def unpatchify(self, patches: torch.Tensor, video_shape) -> torch.Tensor:
         """(B, F*h*w, C*p*p) -> (B, F, C, H, W); patch features ordered (C, p, p)."""

@@ -62,6 +62,9 @@ class WAMPipeline:
         if text_encoder.dim != config.text_dim:
             raise ValueError(f"the text encoder's output dim (d_model) {text_encoder.dim} is not the model's "
                              f"text_dim {config.text_dim}")
+        if decode_video and config.action_only:
+            raise ValueError(f"decode_video=True, but the model {config.name!r} is action-only (future_frames=0): it "
+                             f"predicts no video to decode")
         if decode_video and not hasattr(frame_encoder, "decode"):
             raise ValueError(f"decode_video=True needs a frame encoder with decode; {frame_encoder.name!r} has none")
         self.model, self.config = model, config
