@@ -138,6 +138,7 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
                 continue
             measured = evaluate_row(row, checkpoints, settings, text, envs)
             results["environment"] = environment()  # this row's; the file is no longer all retimed
+            measured["commit"] = results["environment"]["commit"]  # a resumed file mixes rows of several
             results.pop("retimed", None)
             logger.info(f"{settings.task} {row.name}: success {measured['success']:.0%} "
                         f"[{measured['ci95'][0]:.0%}, {measured['ci95'][1]:.0%}] of {settings.episodes}, "
