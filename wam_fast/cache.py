@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from wam_fast.configs import WAMConfig
-from wam_fast.models.layout import TEXT_SET, VIDEO_SET, SegmentLayout
+from wam_fast.models.layout import TEXT_SET, VIDEO_SET, SegmentLayout, noisy_segments
 from wam_fast.models.transformer import ForwardContext, rope_tables, shift_keys
 from wam_fast.models.validation import check_tensor, check_robot_id, check_step_size
 
@@ -62,11 +62,9 @@ def pass_layouts(config: WAMConfig) -> Tuple[SegmentLayout, SegmentLayout, Segme
                          frame_positions=(), **common)
     frame = SegmentLayout(names=("current",), lengths=(tpf,), mod_set=(VIDEO_SET,), noisy=(False,),
                           frame_positions=(current,), **common)
-    future = config.noisy_frames  # 0 for an action-only model: its noisy tokens are the actions alone
-    names = ("video", "actions") if future else ("actions",)
-    noisy = SegmentLayout(names=names, lengths=((future * tpf,) if future else ()) + (config.action_len,),
-                          mod_set=(VIDEO_SET,) * len(names), noisy=(True,) * len(names),
-                          frame_positions=tuple(range(current + 1, current + 1 + future)), **common)
+    names, lengths, positions = noisy_segments(config)  # actions alone for an action-only model
+    noisy = SegmentLayout(names=tuple(names), lengths=tuple(lengths), mod_set=(VIDEO_SET,) * len(names),
+                          noisy=(True,) * len(names), frame_positions=tuple(positions), **common)
     return text, frame, noisy
 
 
@@ -368,8 +366,8 @@ class TemporalKVCache:
     def denoise(self, video: torch.Tensor, actions: torch.Tensor, timestep, robot_id=None, step_size=None):
         """One sample-forward of the noisy tokens only, against the cached text and frames:
         video (B, config.noisy_frames, C, H, W) (empty for an action-only model), actions (B, K, A),
-        timestep (B,) or a number, step_size (B,) float or a number for a shortcut student (required there, refused elsewhere; see
-        WAMTransformer.forward: it reaches the noisy tokens only, so the cached text and frame K/V
+        timestep (B,) or a number, step_size (B,) float or a number for a shortcut student (required
+        there, refused elsewhere; see WAMTransformer.forward: it reaches the noisy tokens only, so the cached text and frame K/V
         serve every step size). Returns (video_out, action_out) as the uncached model would for the
         same inputs."""
         c, model = self.config, self.model

@@ -122,6 +122,14 @@ class SegmentLayout:
         return torch.stack([timestep if noisy else zeros for noisy in self.noisy], dim=1)
 
 
+def noisy_segments(config):
+    """(names, lengths, RoPE time positions of the future frames) of a temporal model's noisy segments:
+    video (the ``config.noisy_frames`` future frames, none for an action-only model) then actions."""
+    future, tpf, current = config.noisy_frames, config.tokens_per_frame, config.history_frames
+    names, lengths = (["video"], [future * tpf]) if future else ([], [])
+    return names + ["actions"], lengths + [config.action_len], list(range(current + 1, current + 1 + future))
+
+
 def build_layout(config, num_history: int = 0, has_image: bool = True) -> SegmentLayout:
     """The layout of one forward of a model with ``config``.
 
@@ -162,17 +170,12 @@ def build_layout(config, num_history: int = 0, has_image: bool = True) -> Segmen
         mod_set.append(VIDEO_SET)
         noisy.append(False)
         positions.append(current)
-    future = config.noisy_frames  # an action-only model (future_frames=0) has no video segment
-    if future:
-        names.append("video")
-        lengths.append(future * tpf)
-        mod_set.append(VIDEO_SET)
-        noisy.append(True)
-        positions += list(range(current + 1, current + 1 + future))
-    names.append("actions")
-    lengths.append(config.action_len)
-    mod_set.append(VIDEO_SET)
-    noisy.append(True)
+    noisy_names, noisy_lengths, future_positions = noisy_segments(config)
+    names += noisy_names
+    lengths += noisy_lengths
+    mod_set += [VIDEO_SET] * len(noisy_names)
+    noisy += [True] * len(noisy_names)
+    positions += future_positions
     return SegmentLayout(names=tuple(names), lengths=tuple(lengths), mod_set=tuple(mod_set),
                          noisy=tuple(noisy), mask="temporal", frame_positions=tuple(positions),
                          tokens_per_frame=tpf, current_position=current)

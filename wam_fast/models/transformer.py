@@ -351,9 +351,8 @@ class WAMTransformer(nn.Module):
                the time embedding of the noisy segments (video, actions) only, so clean context
                (text, frames) and its K/V do not depend on it (the KV cache stays exact).
     returns (video_out, action_out) shaped like video and actions (video_out empty for an action-only
-    model): the v-prediction (or the flow
-    velocity when config.objective == "flow_matching"); for a shortcut student, the average
-    velocity over a step of ``step_size``.
+    model): the v-prediction (or the flow velocity when config.objective == "flow_matching"); for a
+    shortcut student, the average velocity over a step of ``step_size``.
 
     A shortcut student has ``step_embed`` (a TimestepEmbedding) whose last linear is zero at
     initialisation, so a fresh student computes exactly what the same weights without it do.
