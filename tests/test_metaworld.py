@@ -563,3 +563,32 @@ def test_diagnose_command_reports_teacher_and_both_baselines(smoke_run, tmp_path
     with pytest.raises(SystemExit):
         diagnose.main(["--task", "push-v3", "--demos", str(work / "demos"), "--layouts", "1"])
     assert "--layouts must be >= 2, got 1" in capsys.readouterr().err
+
+
+@needs_metaworld
+def test_longer_distillation_tool_resumes_a_recorded_student(smoke_run, tmp_path):
+    """benchmarks/metaworld_longer_distill.py on the smoke run: the recorded student copied and resumed to more
+    steps (the recorded one untouched), its rows evaluated, the run's teacher row beside them."""
+    import importlib.util as iu
+    import wam_fast
+
+    spec = iu.spec_from_file_location("longer", Path(__file__).resolve().parents[1] / "benchmarks" /
+                                      "metaworld_longer_distill.py")
+    tool = iu.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    work = smoke_run.root / "work"
+    recorded = work / "push-v3" / "student-action-only-shortcut" / "final"
+    before = (recorded / "model.safetensors").read_bytes()
+    threads = torch.get_num_threads()
+    try:
+        result = tool.main(["--task", "push-v3", "--out", str(work), "--student", "action-only-shortcut",
+                            "--train-steps", "4", "--json", str(tmp_path / "longer.json"), "--smoke",
+                            "--results", str(smoke_run.root / "results")])
+    finally:
+        torch.set_num_threads(threads)
+    assert [m["name"] for m in result["models"]] == ["teacher"] + [f"action-only-shortcut-{k}step" for k in (1, 2, 4)]
+    assert result["distill_metrics"]["step"] == 4 and result["distill_steps"] == {"recorded": 2, "here": 4}
+    assert (recorded / "model.safetensors").read_bytes() == before
+    longer = wam_fast.load_pretrained(work / "push-v3" / "student-action-only-shortcut-4" / "final")
+    assert longer.config.action_only
+    assert json.loads((tmp_path / "longer.json").read_text())["targets"]["teacher_success_min"] == 0.6
