@@ -166,7 +166,7 @@ def test_graph_runner_and_compile_serve_an_action_only_student():
         a, b = eager.act(frame), fast.act(frame)
         assert torch.equal(a.actions, b.actions) and a.video is None and b.video is None
     assert runner.captures == 3 and runner.replays == 2
-    compiled = wam_fast.WAMPolicy(copy_of(model), steps=2, seed=0)
+    compiled = wam_fast.WAMPolicy(twin(model), steps=2, seed=0)
     wam_fast.compile(compiled, CompileConfig(backend="eager"))
     compiled.reset(text)
     eager.reset(text, seed=0)
@@ -175,15 +175,11 @@ def test_graph_runner_and_compile_serve_an_action_only_student():
         assert (a.actions - b.actions).abs().max() < 1e-4 and b.video is None
 
 
-def copy_of(model):
-    return twin(model)
-
-
 def test_fp8_action_only_policy_stays_close_to_fp32():
     model = twin(tiny(), future_frames=0, distillation="shortcut", distilled_steps=(1,))
     torch.nn.init.normal_(model.step_embed.linear_2.weight, std=0.02)
     reference = wam_fast.WAMPolicy(model, steps=1, seed=0)
-    quantized = wam_fast.WAMPolicy(copy_of(model), steps=1, seed=0)
+    quantized = wam_fast.WAMPolicy(twin(model), steps=1, seed=0)
     wam_fast.compile(quantized, CompileConfig(fp8=True, backend="eager", fused=False))
     assert any("FP8" in type(m).__name__ for m in quantized.model.modules())
     text, frames = episode(model, batch=2, steps=3, seed=4)

@@ -111,10 +111,11 @@ def evaluate_row(row: ModelRow, checkpoints: Dict[str, Path], settings: Settings
     latency, timings = chunk_latency_ms(latency_policy, text, image, repeats=5 if settings.episodes <= 2 else 20)
     lo, hi = wilson_interval(wins, settings.episodes)
     steps_to_success = [s for s in result.success_step if s is not None]
+    config = policy.config  # future frames a temporal model denoises (0: action-only); None for a full-mask one
+    future_frames = config.noisy_frames if config.mask == "temporal" else None
     return {"name": row.name, "steps": row.steps, "success": wins / settings.episodes, "ci95": [lo, hi],
             "episodes": settings.episodes, "latency_ms": latency, "latency_ms_raw": timings, "successes": wins,
             "sampler": policy.sampler, "cache": row.cache, "precision": row.precision,
-            "mask": policy.config.mask, "future_frames": policy.config.noisy_frames if policy.config.mask == "temporal"
-            else None, "checkpoint": str(checkpoints[row.source]),
+            "mask": policy.config.mask, "future_frames": future_frames, "checkpoint": str(checkpoints[row.source]),
             "mean_steps_to_success": float(np.mean(steps_to_success)) if steps_to_success else None,
             "batch_eval_s": result.seconds, "chunks_per_episode": result.chunks}
