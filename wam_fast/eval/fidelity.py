@@ -40,7 +40,7 @@ from wam_fast.utils.cli import OneLineParser, output_dir, positive_int
 from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import RESULTS_DIR, environment, markdown_table, plot, write_results
-from wam_fast.eval.rollout import chunk_latency_ms, evaluate_row, make_policy
+from wam_fast.eval.rollout import chunk_latency_ms, evaluate_row, make_policy, measure_row_video
 from wam_fast.eval.settings import MODELS, STUDENTS, Settings, model_config
 from wam_fast.eval.stages import distill_command, distill_student, make_demos, make_latents, train_teacher
 
@@ -78,11 +78,21 @@ def retime(settings: Settings, results_dir: Path = RESULTS_DIR) -> dict:
     return results
 
 
+# Settings that do not change a row's success: the rows asked for (each is measured alone) and the
+# video pass (a row recorded with other video_rounds gets its video measured again, nothing else).
+ROW_ONLY_SETTINGS = ("models", "video_rounds")
+
+
 def same_run(old: Optional[dict], new: dict) -> bool:
     """Whether rows recorded with settings ``old`` belong to a run with settings ``new``: every setting
-    equal except the list of rows asked for (a row is measured alone, so adding rows keeps the others)."""
-    return old is not None and {k: v for k, v in old.items() if k != "models"} == \
-        {k: v for k, v in new.items() if k != "models"}
+    equal except ``ROW_ONLY_SETTINGS``. A setting added after ``old`` was written counts at its default
+    (what the code did before it existed)."""
+    if old is None:
+        return False
+    defaults = jsonable(dataclasses.asdict(Settings(task=new["task"])))
+    old = {**{k: defaults[k] for k in new if k not in old}, **old}
+    return {k: v for k, v in old.items() if k not in ROW_ONLY_SETTINGS} == \
+        {k: v for k, v in new.items() if k not in ROW_ONLY_SETTINGS}
 
 
 def _last_metrics(path: Path) -> Optional[dict]:
@@ -113,7 +123,8 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
     path = results_dir / f"metaworld-{settings.task}.json"
     settings_dict = jsonable(dataclasses.asdict(settings))
     demo_data = LatentDataset(pixel_demos)
-    results = {"task": settings.task, "episodes": settings.episodes, "models": [], "settings": settings_dict,
+    results = {"task": settings.task, "episodes": settings.episodes, "multimodal": settings.multimodal,
+               "models": [], "settings": settings_dict,
                "environment": environment(),
                "command": f"python -m wam_fast.eval --task {settings.task} --out {out}",
                "demos": demo_data.metadata.get("metaworld", {}) | {"samples": len(demo_data)},
@@ -134,15 +145,23 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
 
     def evaluate(selected):
         for row in selected:
-            if any(m["name"] == row.name for m in results["models"]):
+            recorded = next((m for m in results["models"] if m["name"] == row.name), None)
+            if recorded is not None:
+                if recorded.get("video_rounds") != settings.video_rounds:  # recorded before its video pass
+                    recorded.update(measure_row_video(row, checkpoints, settings, text, envs),
+                                    video_commit=environment()["commit"])
+                    write_results(path, results)
                 continue
             measured = evaluate_row(row, checkpoints, settings, text, envs)
             results["environment"] = environment()  # this row's; the file is no longer all retimed
             measured["commit"] = results["environment"]["commit"]  # a resumed file mixes rows of several
+            measured["video_commit"] = measured["commit"]
             results.pop("retimed", None)
+            video = f", video PSNR {measured['video_psnr']:.1f} dB" if measured["video_psnr"] is not None else ""
             logger.info(f"{settings.task} {row.name}: success {measured['success']:.0%} "
                         f"[{measured['ci95'][0]:.0%}, {measured['ci95'][1]:.0%}] of {settings.episodes}, "
-                        f"{measured['latency_ms']:.1f} ms/chunk")
+                        f"{measured['latency_ms']:.1f} ms/chunk{video}"
+                        + (f", routes {measured['routes']}" if "routes" in measured else ""))
             results["models"].append(measured)
             results["models"].sort(key=lambda m: [r.name for r in rows].index(m["name"]))
             write_results(path, results)

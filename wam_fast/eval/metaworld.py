@@ -197,13 +197,16 @@ class Episode:
     images: np.ndarray  # (T + 1, H, W, 3) uint8: the image before each step, and the last one
     actions: np.ndarray  # (T, 4) the expert's clean actions at the visited states
     success_step: Optional[int]  # first step after which info["success"] held, None if never
+    route: Optional[str] = None  # the route a multimodal expert drew for this episode (eval.routes)
 
 
 def expert_episode(env: MetaWorldEnv, expert, layout: int, *, noise: float = 0.0, horizon: int = 200,
                    extra_steps: int = 0, rng: Optional[np.random.Generator] = None) -> Episode:
     """Run the expert on ``layout``, executing its action plus N(0, noise^2); stop ``extra_steps``
-    after the first success (so the chunks near the end are complete) or at ``horizon``."""
+    after the first success (so the chunks near the end are complete) or at ``horizon``. An expert with
+    ``reset(rng)`` (a multimodal one, ``eval.routes``) draws its episode's route from ``rng`` first."""
     rng = rng if rng is not None else np.random.default_rng(0)
+    route = expert.reset(rng) if hasattr(expert, "reset") else None
     images, actions, success_step = [env.reset(layout)], [], None
     for t in range(horizon):
         action = env.expert_action(expert)
@@ -215,7 +218,7 @@ def expert_episode(env: MetaWorldEnv, expert, layout: int, *, noise: float = 0.0
             success_step = t + 1
         if success_step is not None and t + 1 >= success_step + extra_steps:
             break
-    return Episode(np.stack(images), np.stack(actions), success_step)
+    return Episode(np.stack(images), np.stack(actions), success_step, route)
 
 
 def episode_samples(episode: Episode, chunk: int) -> Dict[str, torch.Tensor]:
@@ -231,16 +234,17 @@ def episode_samples(episode: Episode, chunk: int) -> Dict[str, torch.Tensor]:
 def collect_demos(task: str, directory: Union[str, Path], *, chunk: int, text_len: int, text_dim: int,
                   noise_levels: Sequence[float] = (0.0, 0.1, 0.2, 0.3), layouts: Optional[int] = None,
                   horizon: int = 200, seed: int = 0, camera: str = CAMERA, size: int = IMAGE_SIZE,
-                  progress: Callable[[str], None] = logger.info) -> dict:
+                  expert=None, progress: Callable[[str], None] = logger.info) -> dict:
     """Scripted-expert demonstrations on the train layouts (MT1 seed 0) -> a LatentDataset in ``directory``
     (float16 pixel latents; fields text, image, future, actions). One episode per (layout, noise level);
-    episodes where the expert fails are dropped. Returns the dataset's metadata."""
+    episodes where the expert fails are dropped. ``expert``: default Meta-World's scripted one. Returns
+    the dataset's metadata."""
     env = MetaWorldEnv(task, "train", camera=camera, size=size)
-    expert = expert_policy(task)
+    expert = expert if expert is not None else expert_policy(task)
     layouts = env.num_layouts if layouts is None else min(int(layouts), env.num_layouts)
     rng = np.random.default_rng(seed)
     text = instruction_embedding(task, text_len, text_dim)
-    start, kept, dropped, lengths, samples = time.perf_counter(), 0, 0, [], 0
+    start, kept, dropped, lengths, samples, routes = time.perf_counter(), 0, 0, [], 0, {}
     with DatasetWriter(directory, shard_size=4096, overwrite=True) as writer:
         for layout in range(layouts):
             for noise in noise_levels:
@@ -254,12 +258,16 @@ def collect_demos(task: str, directory: Union[str, Path], *, chunk: int, text_le
                             "future": rows["future"].half(), "actions": rows["actions"]})
                 kept, samples = kept + 1, samples + n
                 lengths.append(episode.success_step)
+                if episode.route is not None:
+                    routes[episode.route] = routes.get(episode.route, 0) + 1
             progress(f"demos {task}: layout {layout + 1}/{layouts}, {kept} episodes, {samples} samples "
                      f"({time.perf_counter() - start:.0f} s)")
         metadata = {"metaworld": {"task": task, "split": "train", "mt1_seed": SPLITS["train"], "layouts": layouts,
                                   "noise_levels": list(noise_levels), "episodes": kept, "failed_dropped": dropped,
                                   "horizon": horizon, "chunk": chunk, "camera": camera, "size": size,
                                   "seed": seed, "mean_success_step": float(np.mean(lengths)) if lengths else None}}
+        if routes:
+            metadata["metaworld"]["routes"] = dict(sorted(routes.items()))
         writer.close(metadata)
     env.close()
     return metadata

@@ -13,11 +13,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
+import numpy as np
 import torch
 
 from wam_fast.eval import autoencoder as frame_autoencoder
 from wam_fast.eval import metaworld as mw
 from wam_fast.pipeline import FixedTextEncoder, FrameEncoder, PixelsEncoder, WAMPipeline, register_frame_encoder
+from wam_fast.pipeline.encoders import images_from_pixels
 from wam_fast.utils.files import atomic_write
 
 
@@ -43,6 +45,12 @@ class AutoencoderFrameEncoder(FrameEncoder):
     @torch.no_grad()
     def encode(self, pixels):
         return self.model.encode(pixels)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, F, channels, h, w) predicted latents -> (B, F, S, S, 3) uint8 frames (the video decode)."""
+        pixels = self.model.decode(latents.flatten(0, 1).to(self.dtype))
+        return images_from_pixels(pixels.unflatten(0, latents.shape[:2]))
 
     def to(self, device=None, dtype=None):
         self.model.to(device=device)  # the autoencoder runs in float32 whatever the WAM's dtype

@@ -12,8 +12,12 @@ import numpy as np
 import torch
 
 import wam_fast
+from wam_fast.configs import WAMConfig
+from wam_fast.models.checkpoint import CONFIG_NAME, read_json
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.pipeline_policy import PipelinePolicy, build_pipeline
+from wam_fast.eval.routes import RouteTracker
+from wam_fast.eval.video_fidelity import measure_video
 from wam_fast.eval.settings import ModelRow, Settings
 
 
@@ -30,14 +34,15 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -
     return lo, hi
 
 
-def make_policy(row: ModelRow, checkpoints: Dict[str, Path], seed: int, task: str):
+def make_policy(row: ModelRow, checkpoints: Dict[str, Path], seed: int, task: str, decode_video: bool = False):
     """A fresh ``PipelinePolicy`` for ``row``: a WAMPipeline (a fresh model too: FP8 quantizes its model in
     place) from uint8 frames to actions, through ``checkpoints["autoencoder"]`` when given (push-v3),
-    else the pixels themselves, with ``task``'s fixed instruction embedding."""
+    else the pixels themselves, with ``task``'s fixed instruction embedding. ``decode_video``: each
+    chunk's predicted frames are decoded too (``policy.session.last_video``)."""
     model = wam_fast.load_pretrained(checkpoints[row.source]).float().eval()
     sampler_options = {"cfg_scale": 1.0} if row.source == "teacher" else {}
     pipeline = build_pipeline(model, task, checkpoints.get("autoencoder"), steps=row.steps, cache=row.cache,
-                              **sampler_options)
+                              decode_video=decode_video, **sampler_options)
     policy = PipelinePolicy(pipeline, task, seed)
     if row.fp8:
         wam_fast.compile(policy.session.policy, wam_fast.CompileConfig(fp8=True, backend="eager", fused=False,
@@ -51,16 +56,19 @@ class EpisodeResults:
     success_step: List[Optional[int]]
     chunks: int
     seconds: float
+    routes: Optional[List[Optional[str]]] = None  # per episode, with a route tracker (multimodal tasks)
 
 
 def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int, text: torch.Tensor,
-                 camera: str = mw.CAMERA, envs: Optional[List["mw.MetaWorldEnv"]] = None) -> EpisodeResults:
+                 camera: str = mw.CAMERA, envs: Optional[List["mw.MetaWorldEnv"]] = None,
+                 tracker: Optional[RouteTracker] = None) -> EpisodeResults:
     """``episodes`` closed-loop held-out episodes as one batch: episode i on held-out layout i mod 50.
     Every round renders each running episode, samples one chunk for all (``policy.act``) and executes
     the first ``execute`` actions of each; an episode stops at its first success or at ``horizon``.
 
     ``policy``: anything with ``reset(text)`` and ``act(images uint8 (B, H, W, 3)) -> .actions`` (a
-    ``PipelinePolicy``: pixels to actions through one WAMPipeline)."""
+    ``PipelinePolicy``: pixels to actions through one WAMPipeline). ``tracker``: a ``RouteTracker`` that
+    sees the hand after every step (which route each episode took)."""
     if not 1 <= execute:
         raise ValueError(f"execute must be >= 1 (actions run per chunk), got {execute}")
     envs = envs if envs is not None else [mw.MetaWorldEnv(task, "heldout", camera=camera) for _ in range(episodes)]
@@ -77,13 +85,16 @@ def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int
                 continue
             for k in range(execute_now):
                 _, success = env.step(actions[i, k], render=False)
+                if tracker is not None:
+                    tracker.observe(i, env.obs)
                 if success:
                     success_step[i] = t + k + 1
                     break
             if success_step[i] is None:
                 images[i] = env.render()
         t += execute_now
-    return EpisodeResults([s is not None for s in success_step], success_step, chunks, time.perf_counter() - start)
+    return EpisodeResults([s is not None for s in success_step], success_step, chunks, time.perf_counter() - start,
+                          tracker.routes if tracker is not None else None)
 
 
 def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int = 20,
@@ -102,9 +113,12 @@ def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int
 
 def evaluate_row(row: ModelRow, checkpoints: Dict[str, Path], settings: Settings, text: torch.Tensor,
                  envs) -> dict:
+    """One row: success over ``settings.episodes`` held-out episodes with its 95% interval, the route of
+    each episode on a multimodal task, the per-chunk latency, and the video fidelity (``measure_row_video``)."""
     policy = make_policy(row, checkpoints, settings.seed, settings.task)
+    tracker = RouteTracker(settings.task, settings.episodes) if settings.multimodal else None
     result = run_episodes(policy, settings.task, settings.episodes, horizon=settings.horizon,
-                          execute=settings.execute, text=text, envs=envs)
+                          execute=settings.execute, text=text, envs=envs, tracker=tracker)
     wins = sum(result.success)
     latency_policy = make_policy(row, checkpoints, settings.seed, settings.task)
     image = envs[0].reset(0)
@@ -113,9 +127,30 @@ def evaluate_row(row: ModelRow, checkpoints: Dict[str, Path], settings: Settings
     steps_to_success = [s for s in result.success_step if s is not None]
     config = policy.config  # future frames a temporal model denoises (0: action-only); None for a full-mask one
     future_frames = config.noisy_frames if config.mask == "temporal" else None
-    return {"name": row.name, "steps": row.steps, "success": wins / settings.episodes, "ci95": [lo, hi],
-            "episodes": settings.episodes, "latency_ms": latency, "latency_ms_raw": timings, "successes": wins,
-            "sampler": policy.sampler, "cache": row.cache, "precision": row.precision,
-            "mask": policy.config.mask, "future_frames": future_frames, "checkpoint": str(checkpoints[row.source]),
-            "mean_steps_to_success": float(np.mean(steps_to_success)) if steps_to_success else None,
-            "batch_eval_s": result.seconds, "chunks_per_episode": result.chunks}
+    measured = {"name": row.name, "steps": row.steps, "success": wins / settings.episodes, "ci95": [lo, hi],
+                "episodes": settings.episodes, "latency_ms": latency, "latency_ms_raw": timings, "successes": wins,
+                "sampler": policy.sampler, "cache": row.cache, "precision": row.precision,
+                "mask": policy.config.mask, "future_frames": future_frames, "checkpoint": str(checkpoints[row.source]),
+                "mean_steps_to_success": float(np.mean(steps_to_success)) if steps_to_success else None,
+                "batch_eval_s": result.seconds, "chunks_per_episode": result.chunks}
+    if tracker is not None:
+        measured["routes"] = route_shares(tracker.counts(), settings.episodes)
+        measured["routes_of_successes"] = route_shares(tracker.counts(result.success), settings.episodes)
+    return measured | measure_row_video(row, checkpoints, settings, text, envs)
+
+
+def route_shares(counts: Dict[str, int], episodes: int) -> Dict[str, float]:
+    """Episodes per route -> the share of all ``episodes`` (mode coverage)."""
+    return {route: n / episodes for route, n in counts.items()}
+
+
+def measure_row_video(row: ModelRow, checkpoints: Dict[str, Path], settings: Settings, text: torch.Tensor,
+                      envs) -> dict:
+    """The row's video fidelity (``video_fidelity.measure_video``, ``settings.video_rounds`` chunks per
+    episode); an action-only row predicts no frame: its video keys are None."""
+    config = WAMConfig.from_dict(read_json(Path(checkpoints[row.source]) / CONFIG_NAME))
+    if config.action_only:
+        return {"video_psnr": None, "video_ssim": None, "video_psnr_hold": None, "video_ssim_hold": None,
+                "video_frames": 0, "video_rounds": settings.video_rounds}
+    policy = make_policy(row, checkpoints, settings.seed, settings.task, decode_video=True)
+    return measure_video(policy, envs, text, settings.video_rounds)

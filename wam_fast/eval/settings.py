@@ -78,7 +78,14 @@ class Settings:
     solver_steps: int = 10
     seed: int = 0
     camera: str = mw.CAMERA
+    expert: str = "metaworld"  # or "two-routes": the multimodal expert of eval.routes
+    video_rounds: int = 3  # chunks per episode whose predicted frame is compared with the observed one
     models: Tuple[str, ...] = tuple(row.name for row in MODELS)
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether the demonstrations reach the goal by several routes (``expert`` "two-routes")."""
+        return self.expert != "metaworld"
 
     def distill_steps(self, method: str) -> int:
         """Optimizer steps of ``python -m wam_fast.distill`` for the ``method`` student."""
@@ -106,8 +113,10 @@ class Settings:
 # that memorised the 50 training layouts (42% held out; benchmarks/results/metaworld-push-v3-teacher-attempts.json),
 # so push-v3's WAMs work on a frozen autoencoder's latents (eval.autoencoder: conv, 8x8 cells, trained to
 # also predict the chunk), and the teacher starts from a regression stage on them, then trains at a lower lr.
+# button-press-wall-v3: the multimodal task (eval.routes); the right route takes the expert up to ~170 steps.
 TASK_SETTINGS = {"push-v3": {"noise_levels": (0.0, 0.03, 0.06, 0.1), "latent_space": "autoencoder", "patch_size": 2,
-                             "teacher_pretrain_steps": 2000, "teacher_lr": 3e-4}}
+                             "teacher_pretrain_steps": 2000, "teacher_lr": 3e-4},
+                 "button-press-wall-v3": {"expert": "two-routes", "horizon": 250}}
 
 
 LATENT_SPACES = ("pixels", "autoencoder")

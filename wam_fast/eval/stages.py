@@ -20,6 +20,7 @@ from wam_fast.distill.commands import jsonable
 from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import autoencoder
 from wam_fast.eval import metaworld as mw
+from wam_fast.eval import routes
 from wam_fast.eval.settings import Settings, model_config
 from wam_fast.utils.checksums import CHECKSUMS_NAME
 
@@ -45,7 +46,7 @@ def demos_key(settings: Settings) -> dict:
     config = model_config(settings)
     return {"stage": "demos", "task": settings.task, "layouts": settings.demo_layouts, "chunk": settings.chunk,
             "noise_levels": settings.noise_levels, "seed": settings.seed, "camera": settings.camera,
-            "text": [config.text_len, config.text_dim]}
+            "text": [config.text_len, config.text_dim]} | ({"expert": settings.expert} if settings.multimodal else {})
 
 
 def make_demos(settings: Settings, directory: Path) -> Path:
@@ -54,7 +55,8 @@ def make_demos(settings: Settings, directory: Path) -> Path:
     if not _stage_done(directory, key):
         mw.collect_demos(settings.task, directory, chunk=settings.chunk, text_len=config.text_len,
                          text_dim=config.text_dim, noise_levels=settings.noise_levels, layouts=settings.demo_layouts,
-                         seed=settings.seed, camera=settings.camera)
+                         seed=settings.seed, camera=settings.camera,
+                         expert=routes.make_expert(settings.task, settings.expert))
         _mark_done(directory, key)
     return directory
 

@@ -45,6 +45,11 @@ def pixels_from_images(images: torch.Tensor, dtype: torch.dtype, device) -> torc
     return pixels.to(dtype).contiguous()
 
 
+def images_from_pixels(pixels: torch.Tensor) -> np.ndarray:
+    """Inverse of ``pixels_from_images`` (clamped): (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
+    return ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
 class FrameEncoder(abc.ABC):
     """Base of the frame encoders: ``name`` (registry key), ``image_size`` (H, W), ``latent_shape``
     (C, h, w), ``encode(pixels)``, ``save(directory)`` and ``load(directory, device, dtype)``."""
@@ -83,6 +88,10 @@ class PixelsEncoder(FrameEncoder):
 
     def encode(self, pixels):
         return pixels
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, F, 3, H, W) predicted pixels -> (B, F, H, W, 3) uint8 frames (the optional video decode)."""
+        return images_from_pixels(latents)
 
     def save(self, directory):
         write_json(Path(directory) / "config.json", {"image_size": list(self.image_size)})
@@ -128,7 +137,7 @@ class CogVideoXEncoder(FrameEncoder):
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(B, F, C, h, w) latents -> (B, F', H, W, 3) uint8 frames (the optional video decode)."""
         video = self.vae.decode(latents.movedim(1, 2).to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).cpu().numpy()
+        return images_from_pixels(video.movedim(1, 2))
 
     def to(self, device=None, dtype=None):
         self.vae.to(device=device, dtype=dtype)
