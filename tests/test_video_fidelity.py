@@ -107,9 +107,12 @@ class _Env:
 class _Policy:
     """Moves by 1 per action; ``predict``: "truth" (the frame after the chunk), "current" or "black"."""
 
-    def __init__(self, predict: str, chunk: int = 4):
+    def __init__(self, predict: str, chunk: int = 4, decoder_gain: float = 1.0):
         self.predict, self.chunk = predict, chunk
-        self.pipeline = SimpleNamespace(decode_video=True)
+        # the frame encoder's round trip: exact (pixels), or one that dims the frame (a lossy autoencoder)
+        decode = (lambda latents: (latents.float() * decoder_gain).round().to(torch.uint8).numpy())
+        self.pipeline = SimpleNamespace(decode_video=True, encode_images=lambda images: images[:, None],
+                                        frame_encoder=SimpleNamespace(decode=decode))
         self.session = SimpleNamespace(last_video=None)
 
     def reset(self, text):
@@ -137,6 +140,10 @@ def test_measure_video_compares_the_frame_after_the_whole_chunk():
     assert held["video_psnr"] == pytest.approx(held["video_psnr_hold"]) == pytest.approx(truth["video_psnr_hold"])
     black = vf.measure_video(_Policy("black"), envs, text, rounds=2)
     assert black["video_psnr"] < held["video_psnr"] and black["video_ssim"] < held["video_ssim"]
+    assert set(truth) == set(vf.VIDEO_KEYS)
+    assert truth["video_psnr_decoder"] == vf.PSNR_MAX and truth["video_ssim_decoder"] == pytest.approx(1.0)
+    lossy = vf.measure_video(_Policy("truth", decoder_gain=0.5), envs, text, rounds=2)
+    assert lossy["video_psnr_decoder"] < 30 and lossy["video_psnr"] == vf.PSNR_MAX  # the prediction is not decoded
 
 
 def test_measure_video_refuses_a_pipeline_without_its_decode():

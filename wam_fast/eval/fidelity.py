@@ -1,6 +1,7 @@
 """Does the distilled, cached, FP8 student succeed as often as its teacher? Meta-World MT1, end to end.
 
     python -m wam_fast.eval --task push-v3 --task drawer-open-v3          # everything, CPU
+    python -m wam_fast.eval --task button-press-wall-v3                   # the multimodal task
     python -m wam_fast.eval --task push-v3 --smoke                        # minutes: the pipeline only
 
 Per task, each stage reuses what OUT/<task> already holds (a re-run resumes where it stopped):
@@ -18,7 +19,10 @@ Per task, each stage reuses what OUT/<task> already holds (a re-run resumes wher
    episodes of a row run as one batch, each replans after ``execute`` actions of its chunk; success =
    Meta-World's ``info["success"]`` within ``horizon`` steps, with a 95% Wilson interval; latency =
    the median wall time of one ``policy.act`` at batch 1 on this machine (encoding the frame included);
-5. ``benchmarks/results/metaworld-<task>.json`` (rewritten after every row) and a PNG chart.
+   on a multimodal task (``Settings.expert`` "two-routes", ``eval.routes``) the route each episode
+   took; then the video fidelity (``eval.video_fidelity``: PSNR / SSIM of the predicted frame after
+   the chunk against the one observed, ``video_rounds`` chunks per episode);
+5. ``benchmarks/results/metaworld-<task>.json`` (rewritten after every row; ``"multimodal"``) and a PNG chart.
 
 The run's settings are in ``eval.settings``, stages 1-3 in ``eval.stages``, 4 in ``eval.rollout``, 5 in
 ``eval.results``; this module chains them (``run_task``, ``retime``) behind the command line.
@@ -43,6 +47,7 @@ from wam_fast.eval.results import RESULTS_DIR, environment, markdown_table, plot
 from wam_fast.eval.rollout import chunk_latency_ms, evaluate_row, make_policy, measure_row_video
 from wam_fast.eval.settings import MODELS, STUDENTS, Settings, model_config
 from wam_fast.eval.stages import distill_command, distill_student, make_demos, make_latents, train_teacher
+from wam_fast.eval.video_fidelity import VIDEO_KEYS
 
 logger = logging.getLogger("wam_fast.eval")
 
@@ -78,6 +83,7 @@ def retime(settings: Settings, results_dir: Path = RESULTS_DIR) -> dict:
     return results
 
 
+RECORDED_TASKS = ("push-v3", "drawer-open-v3", "button-press-wall-v3")  # benchmarks/results/metaworld-<task>.json
 # Settings that do not change a row's success: the rows asked for (each is measured alone) and the
 # video pass (a row recorded with other video_rounds gets its video measured again, nothing else).
 ROW_ONLY_SETTINGS = ("models", "video_rounds")
@@ -147,7 +153,8 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
         for row in selected:
             recorded = next((m for m in results["models"] if m["name"] == row.name), None)
             if recorded is not None:
-                if recorded.get("video_rounds") != settings.video_rounds:  # recorded before its video pass
+                if recorded.get("video_rounds") != settings.video_rounds or not set(VIDEO_KEYS) <= set(recorded):
+                    # recorded before its video pass (or one with other keys or rounds): that pass only
                     recorded.update(measure_row_video(row, checkpoints, settings, text, envs),
                                     video_commit=environment()["commit"])
                     write_results(path, results)
@@ -190,10 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m wam_fast.eval",
         description="Meta-World MT1 fidelity: demonstrations from the scripted expert, a small WAM teacher, "
                     "shortcut and consistency students from python -m wam_fast.distill (temporal mask, KV "
-                    "cache, FP8), closed-loop success on held-out layouts with 95% intervals and CPU latency. "
-                    "Results: benchmarks/results/metaworld-<task>.json and .png. Re-running resumes.")
-    parser.add_argument("--task", action="append", help="an MT1 task name (repeatable; default push-v3 and "
-                        "drawer-open-v3)")
+                    "cache, FP8), closed-loop success on held-out layouts with 95% intervals and CPU latency, "
+                    "video PSNR / SSIM of each row's predicted frame, the route of each episode on the multimodal "
+                    "task. Results: benchmarks/results/metaworld-<task>.json and .png. Re-running resumes.")
+    parser.add_argument("--task", action="append", help="an MT1 task name (repeatable; default the recorded "
+                        f"tasks: {', '.join(RECORDED_TASKS)})")
     parser.add_argument("--out", default="wam_fast_metaworld", type=output_dir,
                         help="working directory (demos, checkpoints)")
     parser.add_argument("--results", default=str(RESULTS_DIR), type=output_dir, help="where the JSON and PNG go")
@@ -218,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"python -m wam_fast.eval: error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    for task in args.task or ["push-v3", "drawer-open-v3"]:
+    for task in args.task or RECORDED_TASKS:
         settings = Settings.smoke(task) if args.smoke else Settings.for_task(task)
         overrides = {}
         if args.episodes is not None:

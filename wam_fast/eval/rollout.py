@@ -17,7 +17,7 @@ from wam_fast.models.checkpoint import CONFIG_NAME, read_json
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.pipeline_policy import PipelinePolicy, build_pipeline
 from wam_fast.eval.routes import RouteTracker
-from wam_fast.eval.video_fidelity import measure_video
+from wam_fast.eval.video_fidelity import VIDEO_KEYS, measure_video
 from wam_fast.eval.settings import ModelRow, Settings
 
 
@@ -150,7 +150,6 @@ def measure_row_video(row: ModelRow, checkpoints: Dict[str, Path], settings: Set
     episode); an action-only row predicts no frame: its video keys are None."""
     config = WAMConfig.from_dict(read_json(Path(checkpoints[row.source]) / CONFIG_NAME))
     if config.action_only:
-        return {"video_psnr": None, "video_ssim": None, "video_psnr_hold": None, "video_ssim_hold": None,
-                "video_frames": 0, "video_rounds": settings.video_rounds}
+        return {**{key: None for key in VIDEO_KEYS}, "video_frames": 0, "video_rounds": settings.video_rounds}
     policy = make_policy(row, checkpoints, settings.seed, settings.task, decode_video=True)
     return measure_video(policy, envs, text, settings.video_rounds)

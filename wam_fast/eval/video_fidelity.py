@@ -4,8 +4,9 @@
 held-out episodes for ``rounds`` chunks, executing every action of each chunk, and compares the frame
 the model predicted for the end of the chunk with the frame rendered there: PSNR and SSIM in pixel
 space (uint8 RGB, decoded through the frozen autoencoder where the task uses one). The same states
-give the "hold" baseline: the current frame as the prediction of the next, which a model that
-imagines nothing (or only blurs) does not beat.
+give two references: "hold", the current frame as the prediction of the next, which a model that
+imagines nothing (or only blurs) does not beat; and "decoder", the observed frame encoded and decoded
+again, the best any prediction through that frame encoder can score (exact for pixels).
 
 ``psnr`` and ``ssim`` follow the usual definitions: PSNR = 10 log10(255^2 / MSE); SSIM of Wang et al.
 (2004) with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, averaged over the valid
@@ -27,6 +28,8 @@ def _check_images(predicted: np.ndarray, observed: np.ndarray) -> None:
         raise ValueError(f"predicted and observed frames differ in shape: {predicted.shape} vs {observed.shape}")
 
 
+VIDEO_KEYS = ("video_psnr", "video_ssim", "video_psnr_hold", "video_ssim_hold", "video_psnr_decoder",
+              "video_ssim_decoder", "video_frames", "video_rounds")
 PSNR_MAX = 100.0  # dB for equal frames (one level off in one pixel of a 64x64 frame is 89 dB)
 
 
@@ -70,15 +73,16 @@ def ssim(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
 def measure_video(policy, envs, text: torch.Tensor, rounds: int) -> dict:
     """Closed-loop on ``envs`` (episode i on held-out layout i mod 50) for ``rounds`` chunks, every action
     of each chunk executed; ``policy``: a ``PipelinePolicy`` whose pipeline decodes its video. Returns
-    the row's keys: video_psnr, video_ssim (mean over episodes and rounds, dB / index), the hold
-    baseline's video_psnr_hold and video_ssim_hold, video_frames and video_rounds."""
+    the row's ``VIDEO_KEYS``: video_psnr, video_ssim (mean over episodes and rounds, dB / index), the
+    references' video_{psnr,ssim}_hold and video_{psnr,ssim}_decoder, video_frames and video_rounds."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1 (chunks compared per episode), got {rounds}")
     if not policy.pipeline.decode_video:
         raise ValueError("measure_video needs a pipeline built with decode_video=True (the predicted frames)")
     images = np.stack([env.reset(i % env.num_layouts) for i, env in enumerate(envs)])
     policy.reset(text.expand(len(envs), -1, -1).contiguous())
-    scores = {"psnr": [], "ssim": [], "psnr_hold": [], "ssim_hold": []}
+    scores = {"psnr": [], "ssim": [], "psnr_hold": [], "ssim_hold": [], "psnr_decoder": [], "ssim_decoder": []}
+    pipeline = policy.pipeline
     for _ in range(rounds):
         actions = policy.act(images).actions.float().numpy()
         predicted = policy.session.last_video[:, -1]  # the frame the model predicts after the chunk
@@ -90,7 +94,9 @@ def measure_video(policy, envs, text: torch.Tensor, rounds: int) -> dict:
         scores["ssim"] += ssim(predicted, observed).tolist()
         scores["psnr_hold"] += psnr(images, observed).tolist()
         scores["ssim_hold"] += ssim(images, observed).tolist()
+        decoded = pipeline.frame_encoder.decode(pipeline.encode_images(torch.from_numpy(observed)))[:, 0]
+        scores["psnr_decoder"] += psnr(decoded, observed).tolist()
+        scores["ssim_decoder"] += ssim(decoded, observed).tolist()
         images = observed
-    means = {key: float(np.mean(values)) for key, values in scores.items()}
-    return {"video_psnr": means["psnr"], "video_ssim": means["ssim"], "video_psnr_hold": means["psnr_hold"],
-            "video_ssim_hold": means["ssim_hold"], "video_frames": len(scores["psnr"]), "video_rounds": rounds}
+    means = {f"video_{key}": float(np.mean(values)) for key, values in scores.items()}
+    return means | {"video_frames": len(scores["psnr"]), "video_rounds": rounds}
