@@ -51,7 +51,7 @@ def test_settings_make_the_task_multimodal():
     assert settings.expert == "two-routes" and settings.multimodal and settings.horizon == 250
     assert not Settings.for_task("push-v3").multimodal and Settings.for_task("push-v3").expert == "metaworld"
     assert "expert" not in stages.demos_key(Settings.for_task("push-v3"))  # old demos keep their key
-    assert stages.demos_key(settings)["expert"] == "two-routes"
+    assert stages.demos_key(settings)["expert"] == "two-routes" and stages.demos_key(settings)["side"] == routes.SIDE
 
 
 def test_bad_expert_names_and_tasks_are_refused():
@@ -90,10 +90,11 @@ def test_routes_are_drawn_per_episode_and_not_in_the_first_frame():
     try:
         expert, rng = routes.TwoRouteExpert(TASK), np.random.default_rng(1)
         drawn = [expert.reset(rng) for _ in range(200)]
-        assert 0.4 < drawn.count("left") / 200 < 0.6
-        seeds = {routes.ROUTES[int(np.random.default_rng(s).integers(2))]: s for s in range(10)}  # one per route
-        episodes = {route: mw.expert_episode(env, expert, 2, horizon=40, rng=np.random.default_rng(seeds[route]))
-                    for route in routes.ROUTES}
+        assert all(set(drawn[i:i + 2]) == {"left", "right"} for i in range(0, 200, 2))  # each pair holds both
+        assert 0 < sum(drawn[i] == "left" for i in range(0, 200, 2)) < 100  # in a random order
+        seeds = {routes.TwoRouteExpert(TASK).reset(np.random.default_rng(s)): s for s in range(10)}  # one per route
+        episodes = {route: mw.expert_episode(env, routes.TwoRouteExpert(TASK), 2, horizon=40,
+                                             rng=np.random.default_rng(seeds[route])) for route in routes.ROUTES}
         assert {route: episodes[route].route for route in episodes} == {"left": "left", "right": "right"}
         first = [episodes[r].images[0] for r in ("left", "right")]
         assert np.array_equal(*first)  # nothing in the first frame tells the route

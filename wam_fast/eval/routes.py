@@ -6,15 +6,17 @@
 
 button-press-wall-v3 has a low wall (x 0.0 .. 0.2, y 0.6, 15 cm tall) between the hand and the
 button. Meta-World's expert lifts over it; ``TwoRouteExpert`` keeps the hand 10 cm above the table
-and goes around it instead, by a route drawn at random per episode. Both routes start alike: the hand
-goes to a split point centred in front of the wall, then diagonally to the left (x = -0.08) or right
-(x = 0.28) of the wall, forward past it, and Meta-World's expert presses the button from there.
+and goes around it instead, by a route drawn at random per episode (from a shuffled pair, so every
+two episodes take both: each layout's demonstrations hold both routes equally). Both routes start
+alike: the hand goes to a split point 20 cm in front of the wall's centre, then diagonally (both action
+components saturated, so the hand keeps its full forward speed) past the wall's left (x = -0.1) or
+right (x = 0.3) end to 10 cm behind it, and Meta-World's expert presses the button from there.
 
-The route is not in the first frame, and the average of the two routes is no route: at the split
+The route is not in the first frame, and the average of the two routes is no route: from the split
 point the routes' actions are (-1, 1, 0) and (1, 1, 0), whose mean drives the hand straight into the
-wall (checked in tests/test_routes.py). A policy that predicts the mean action chunk stalls there; one
-that samples a route passes. ``RouteTracker`` tells which route an episode took: the side of the
-wall's centre the hand was on when it crossed the wall's plane.
+wall at full speed (checked in tests/test_routes.py). A policy that predicts the mean action chunk
+runs into the wall; one that samples a route passes. ``RouteTracker`` tells which route an episode
+took: the side of the wall's centre the hand was on when it crossed the wall's plane.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ ROUTES = ("left", "right")
 # button-press-wall-v3's wall (assets/sawyer_xyz/sawyer_button_press_wall.xml): centre x 0.1, plane y 0.6.
 TWO_ROUTE_TASKS = {"button-press-wall-v3": {"wall_x": 0.1, "wall_y": 0.6}}
 HEIGHT = 0.10  # of the hand while it goes around the wall: below the wall's top (0.15)
-SIDE = 0.18  # how far left / right of the wall's centre the routes pass (its half-width is 0.1)
+SPLIT = 0.20  # how far in front of the wall's plane the routes split
+PAST = 0.10  # how far behind it they hand over to Meta-World's expert
+SIDE = 0.20  # how far left / right of the wall's centre the routes pass (its half-width is 0.1)
 GAIN = 10.0
 REACHED = 0.015  # metres from a waypoint at which the expert turns to the next
 
@@ -44,20 +48,26 @@ class TwoRouteExpert:
         self.finish = mw.expert_policy(task)
         self.route: Optional[str] = None
         self.waypoint = 0
+        self._pair: list = []  # the routes left of the current shuffled pair
 
     def reset(self, rng: np.random.Generator, route: Optional[str] = None) -> str:
-        """Start an episode on ``route`` (default: drawn from ``rng``, each with probability 1/2)."""
+        """Start an episode on ``route`` (default: the next of a pair of both routes shuffled by ``rng``,
+        so each is drawn with probability 1/2 and consecutive pairs hold both)."""
         if route is not None and route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-        self.route = route if route is not None else ROUTES[int(rng.integers(len(ROUTES)))]
-        self.waypoint = 0
+        if route is None:
+            if not self._pair:
+                self._pair = [ROUTES[i] for i in rng.permutation(len(ROUTES))]
+            route = self._pair.pop()
+        self.route, self.waypoint = route, 0
         return self.route
 
     def waypoints(self) -> np.ndarray:
-        """(3, 3): the split point, the diagonal's end beside the wall, and the point past it."""
+        """(2, 3): the split point in front of the wall's centre, and the point past the wall on the
+        route's side (reached on a 45-degree diagonal: both action components saturate)."""
         x, y = self.wall["wall_x"], self.wall["wall_y"]
         side = x + (-SIDE if self.route == "left" else SIDE)
-        return np.array([[x, y - 0.18, HEIGHT], [side, y - 0.05, HEIGHT], [side, y + 0.1, HEIGHT]])
+        return np.array([[x, y - SPLIT, HEIGHT], [side, y + PAST, HEIGHT]])
 
     def get_action(self, obs: np.ndarray) -> np.ndarray:
         if self.route is None:
@@ -71,6 +81,14 @@ class TwoRouteExpert:
         action[:3] = GAIN * (points[self.waypoint] - hand)
         action[3] = 1.0  # the gripper stays open, as Meta-World's expert keeps it until the press
         return action
+
+
+def expert_key(expert: str) -> dict:
+    """What the demonstrations of ``expert`` depend on beyond the task (part of the demos stage's key)."""
+    if expert == "two-routes":
+        return {"expert": expert, "height": HEIGHT, "side": SIDE, "split": SPLIT, "past": PAST, "gain": GAIN,
+                "reached": REACHED, "draw": "shuffled pairs"}
+    return {}
 
 
 def make_expert(task: str, expert: str = "metaworld"):

@@ -46,7 +46,7 @@ def demos_key(settings: Settings) -> dict:
     config = model_config(settings)
     return {"stage": "demos", "task": settings.task, "layouts": settings.demo_layouts, "chunk": settings.chunk,
             "noise_levels": settings.noise_levels, "seed": settings.seed, "camera": settings.camera,
-            "text": [config.text_len, config.text_dim]} | ({"expert": settings.expert} if settings.multimodal else {})
+            "text": [config.text_len, config.text_dim]} | routes.expert_key(settings.expert)
 
 
 def make_demos(settings: Settings, directory: Path) -> Path:
