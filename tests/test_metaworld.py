@@ -153,7 +153,7 @@ def test_model_config_follows_the_latent_space():
         model_config(Settings(task="push-v3", latent_space="vae"))
 
 
-@pytest.mark.parametrize("task", ["push-v3", "drawer-open-v3"])
+@pytest.mark.parametrize("task", fidelity.RECORDED_TASKS)
 def test_recorded_results_match_what_the_command_runs(task):
     # `python -m wam_fast.eval --task T` reproduces (and resumes) benchmarks/results/metaworld-T.json only
     # while its settings are the recorded ones.
@@ -161,6 +161,11 @@ def test_recorded_results_match_what_the_command_runs(task):
     recorded = json.loads((results_dir / f"metaworld-{task}.json").read_text())
     assert recorded["settings"] == fidelity.jsonable(dataclasses.asdict(Settings.for_task(task)))
     assert [m["name"] for m in recorded["models"]] == [row.name for row in MODELS]
+    assert recorded["multimodal"] == Settings.for_task(task).multimodal
+    for m in recorded["models"]:  # every row has its video pass (#27), None only where no frame is predicted
+        assert m["video_rounds"] == recorded["settings"]["video_rounds"]
+        assert (m["video_psnr"] is None) == (m["future_frames"] == 0), m["name"]
+        assert ("routes" in m) == recorded["multimodal"], m["name"]
 
 
 def test_chart_is_a_png(tmp_path):
