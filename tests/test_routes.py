@@ -4,11 +4,12 @@ import dataclasses
 import importlib.util
 import json
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+
+import metaworld_smoke
 
 from wam_fast.eval import fidelity, routes, stages
 from wam_fast.eval import metaworld as mw
@@ -148,17 +149,7 @@ def test_a_setting_added_later_counts_at_its_default():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    if importlib.util.find_spec("metaworld") is None:
-        pytest.skip('Meta-World is not installed: pip install "wam_fast[sim]"')
-    root = tmp_path_factory.mktemp("routes")
-    argv = ["--task", TASK, "--smoke", "--out", str(root / "work"), "--results", str(root / "results"),
-            "--no-progress"]
-    threads = torch.get_num_threads()
-    try:
-        assert fidelity.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return SimpleNamespace(root=root, argv=argv, json=root / "results" / f"metaworld-{TASK}.json")
+    return metaworld_smoke.smoke_run(tmp_path_factory, TASK)
 
 
 @needs_metaworld

@@ -56,7 +56,6 @@ class EpisodeResults:
     success_step: List[Optional[int]]
     chunks: int
     seconds: float
-    routes: Optional[List[Optional[str]]] = None  # per episode, with a route tracker (multimodal tasks)
 
 
 def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int, text: torch.Tensor,
@@ -93,8 +92,7 @@ def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int
             if success_step[i] is None:
                 images[i] = env.render()
         t += execute_now
-    return EpisodeResults([s is not None for s in success_step], success_step, chunks, time.perf_counter() - start,
-                          tracker.routes if tracker is not None else None)
+    return EpisodeResults([s is not None for s in success_step], success_step, chunks, time.perf_counter() - start)
 
 
 def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int = 20,
