@@ -14,9 +14,10 @@ right (x = 0.3) end to 10 cm behind it, and Meta-World's expert presses the butt
 
 The route is not in the first frame, and the average of the two routes is no route: from the split
 point the routes' actions are (-1, 1, 0) and (1, 1, 0), whose mean drives the hand straight into the
-wall at full speed (checked in tests/test_routes.py). A policy that predicts the mean action chunk
-runs into the wall; one that samples a route passes. ``RouteTracker`` tells which route an episode
-took: the side of the wall's centre the hand was on when it crossed the wall's plane.
+wall at full speed, where it stalls (tests/test_routes.py). The learned teacher sampled with one step
+(its mean chunk) keeps half its success; a sampler that commits to a route does not need to
+(README). ``RouteTracker`` tells which route an episode took: the side of the wall's centre the hand
+was on when it crossed the wall's plane.
 """
 from __future__ import annotations
 
