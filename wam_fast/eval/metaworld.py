@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from wam_fast.distill.data import DatasetWriter
+from wam_fast.pipeline.encoders import images_from_pixels
 from wam_fast.utils import optional
 
 logger = logging.getLogger("wam_fast.eval")
@@ -110,7 +111,7 @@ def image_to_latent(image: np.ndarray) -> torch.Tensor:
 
 def latent_to_image(latent: torch.Tensor) -> np.ndarray:
     """Inverse of ``image_to_latent`` (clamped): (..., 3, H, W) -> (..., H, W, 3) uint8."""
-    return ((latent.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).numpy()
+    return images_from_pixels(latent)
 
 
 @functools.lru_cache(maxsize=None)

@@ -128,7 +128,7 @@ def evaluate_row(row: ModelRow, checkpoints: Dict[str, Path], settings: Settings
     measured = {"name": row.name, "steps": row.steps, "success": wins / settings.episodes, "ci95": [lo, hi],
                 "episodes": settings.episodes, "latency_ms": latency, "latency_ms_raw": timings, "successes": wins,
                 "sampler": policy.sampler, "cache": row.cache, "precision": row.precision,
-                "mask": policy.config.mask, "future_frames": future_frames, "checkpoint": str(checkpoints[row.source]),
+                "mask": config.mask, "future_frames": future_frames, "checkpoint": str(checkpoints[row.source]),
                 "mean_steps_to_success": float(np.mean(steps_to_success)) if steps_to_success else None,
                 "batch_eval_s": result.seconds, "chunks_per_episode": result.chunks}
     if tracker is not None:

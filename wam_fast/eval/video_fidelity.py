@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 
 
+VIDEO_KEYS = ("video_psnr", "video_ssim", "video_psnr_hold", "video_ssim_hold", "video_psnr_decoder",
+              "video_ssim_decoder", "video_frames", "video_rounds")
+PSNR_MAX = 100.0  # dB for equal frames (one level off in one pixel of a 64x64 frame is 89 dB)
+
+
 def _check_images(predicted: np.ndarray, observed: np.ndarray) -> None:
     for name, image in (("predicted", predicted), ("observed", observed)):
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim < 3 or image.shape[-1] != 3:
@@ -26,11 +31,6 @@ def _check_images(predicted: np.ndarray, observed: np.ndarray) -> None:
                              f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
     if predicted.shape != observed.shape:
         raise ValueError(f"predicted and observed frames differ in shape: {predicted.shape} vs {observed.shape}")
-
-
-VIDEO_KEYS = ("video_psnr", "video_ssim", "video_psnr_hold", "video_ssim_hold", "video_psnr_decoder",
-              "video_ssim_decoder", "video_frames", "video_rounds")
-PSNR_MAX = 100.0  # dB for equal frames (one level off in one pixel of a 64x64 frame is 89 dB)
 
 
 def psnr(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
@@ -81,8 +81,7 @@ def measure_video(policy, envs, text: torch.Tensor, rounds: int) -> dict:
         raise ValueError("measure_video needs a pipeline built with decode_video=True (the predicted frames)")
     images = np.stack([env.reset(i % env.num_layouts) for i, env in enumerate(envs)])
     policy.reset(text.expand(len(envs), -1, -1).contiguous())
-    scores = {"psnr": [], "ssim": [], "psnr_hold": [], "ssim_hold": [], "psnr_decoder": [], "ssim_decoder": []}
-    pipeline = policy.pipeline
+    pipeline, scores = policy.pipeline, {}
     for _ in range(rounds):
         actions = policy.act(images).actions.float().numpy()
         predicted = policy.session.last_video[:, -1]  # the frame the model predicts after the chunk
@@ -90,13 +89,10 @@ def measure_video(policy, envs, text: torch.Tensor, rounds: int) -> dict:
             for action in actions[i]:
                 env.step(action, render=False)
         observed = np.stack([env.render() for env in envs])
-        scores["psnr"] += psnr(predicted, observed).tolist()
-        scores["ssim"] += ssim(predicted, observed).tolist()
-        scores["psnr_hold"] += psnr(images, observed).tolist()
-        scores["ssim_hold"] += ssim(images, observed).tolist()
         decoded = pipeline.frame_encoder.decode(pipeline.encode_images(torch.from_numpy(observed)))[:, 0]
-        scores["psnr_decoder"] += psnr(decoded, observed).tolist()
-        scores["ssim_decoder"] += ssim(decoded, observed).tolist()
+        for suffix, frames in (("", predicted), ("_hold", images), ("_decoder", decoded)):
+            for metric in (psnr, ssim):
+                scores.setdefault(f"video_{metric.__name__}{suffix}", []).extend(metric(frames, observed).tolist())
         images = observed
-    means = {f"video_{key}": float(np.mean(values)) for key, values in scores.items()}
-    return means | {"video_frames": len(scores["psnr"]), "video_rounds": rounds}
+    return {key: float(np.mean(values)) for key, values in scores.items()} | \
+        {"video_frames": len(scores["video_psnr"]), "video_rounds": rounds}
