@@ -137,6 +137,33 @@ def test_actions_are_denormalized(pipe):
         like(pipe, normalization={"mean": [0.0] * 3, "std": [1.0] * 3})
 
 
+def test_a_committed_prefix_comes_back_exactly_and_the_rest_continues_it(pipe):
+    mean, std = np.arange(7, dtype=np.float32), np.linspace(0.5, 2.0, 7, dtype=np.float32)
+    normalized = like(pipe, normalization={"mean": mean.tolist(), "std": std.tolist()})
+    committed = np.random.default_rng(1).normal(size=(3, 7)).astype(np.float32) * std + mean
+    actions = normalized.new_session(seed=4)(frame(), INSTRUCTION, prefix=committed)
+    np.testing.assert_array_equal(actions[:3], committed)  # robot units, not their trip through the statistics
+    plain = normalized.new_session(seed=4)(frame(), INSTRUCTION)
+    assert np.abs(actions[3:] - plain[3:]).max() > 1e-4  # the rest was sampled knowing the prefix
+    np.testing.assert_array_equal(normalized.new_session(seed=4)(frame(), INSTRUCTION, prefix=committed[:0]), plain)
+    batch = normalized.new_session(seed=4).act_batch(np.stack([frame(), frame(1)]), INSTRUCTION,
+                                                     np.stack([committed[:2], -committed[:2]]))
+    np.testing.assert_array_equal(batch[:, :2], np.stack([committed[:2], -committed[:2]]))
+    assert normalized.metadata()["max_prefix"] == 3  # up to action_len - 1
+
+
+@pytest.mark.parametrize("prefix,error,message", [
+    (np.zeros((4, 7), np.float32), ValueError, "0 <= d < 4"),
+    (np.zeros((2, 6), np.float32), ValueError, "\\(1, d, 7\\)"),
+    (np.zeros((2, 7), np.int32), TypeError, "float actions"),
+    (np.full((2, 7), np.nan, np.float32), ValueError, "non-finite"),
+    ("fast", TypeError, "numpy array or torch tensor"),
+])
+def test_a_bad_prefix_is_refused(pipe, prefix, error, message):
+    with pytest.raises(error, match=message):
+        like(pipe).new_session(seed=0)(frame(), INSTRUCTION, prefix=prefix)
+
+
 def test_default_session_and_state_refused(pipe):
     pipe = like(pipe)
     assert pipe(frame(), INSTRUCTION).shape == (4, 7)

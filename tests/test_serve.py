@@ -88,6 +88,10 @@ BAD = {
     "wrong shape": (lambda meta: dict(image=np.zeros((5, 7, 3), np.uint8)), "(5, 7, 3)"),
     "nan": (lambda meta: dict(image=np.full(meta["image_shape"], np.nan, np.float32)), "NaN"),
     "prompt not a str": (lambda meta: dict(prompt=3), "'prompt' must be a str"),
+    "prefix too long": (lambda meta: dict(prefix_actions=np.zeros((4, 7), np.float32)), "max_prefix=3"),
+    "prefix not 2-D": (lambda meta: dict(prefix_actions=np.zeros(7, np.float32)), "(d, action_dim)"),
+    "prefix of ints": (lambda meta: dict(prefix_actions=np.zeros((2, 7), np.int64)), "float"),
+    "prefix wrong width": (lambda meta: dict(prefix_actions=np.zeros((2, 5), np.float32)), "(1, d, 7)"),
     "image not an array": (lambda meta: dict(image=[[1, 2, 3]]), "must be a numpy array"),
 }
 
@@ -101,6 +105,21 @@ def test_bad_observation_gets_an_error_and_the_connection_keeps_serving(server, 
     assert re.search(re.escape(BAD[case][1]), str(info.value), re.I), str(info.value)
     reply = client.infer({"image": np.zeros(meta["image_shape"], np.uint8), "prompt": "open the drawer"})
     assert np.isfinite(reply["actions"]).all()
+
+
+def test_a_connection_in_real_time_mode_gets_chunks_that_start_with_its_committed_actions(server, pipeline):
+    client = connect(server)
+    meta = client.get_server_metadata()
+    assert (meta["prefix_key"], meta["max_prefix"]) == ("prefix_actions", 3)
+    image = frames(meta, 1)[0]
+    committed = np.linspace(-1, 1, 14, dtype=np.float32).reshape(2, 7)
+    reply = client.infer(observation(meta, image=image, prefix_actions=committed))
+    np.testing.assert_array_equal(reply["actions"][:2], committed)
+    session = pipeline.new_session(seed=SEED)
+    np.testing.assert_array_equal(reply["actions"], session(image, "open the drawer", prefix=committed))
+    other = connect(server)  # another connection without a prefix: the plain chunk of its own episode
+    np.testing.assert_array_equal(other.infer(observation(meta, image=image))["actions"],
+                                  pipeline.new_session(seed=SEED)(image, "open the drawer"))
 
 
 @pytest.mark.parametrize("message", [b"\xc1 not msgpack", "a text frame", wire.packb([1, 2, 3])])

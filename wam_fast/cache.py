@@ -39,7 +39,7 @@ import torch
 from wam_fast.configs import WAMConfig
 from wam_fast.models.layout import TEXT_SET, VIDEO_SET, SegmentLayout, noisy_segments
 from wam_fast.models.transformer import ForwardContext, rope_tables, shift_keys
-from wam_fast.models.validation import check_tensor, check_robot_id, check_step_size
+from wam_fast.models.validation import check_committed, check_tensor, check_robot_id, check_step_size
 
 # Key segment ids for ``attention(mask="temporal")``: a query (id QUERY) sees keys with id <= QUERY.
 VISIBLE, QUERY, HIDDEN = 0, 1, 2
@@ -363,15 +363,16 @@ class TemporalKVCache:
         return self._grid
 
     @torch.no_grad()
-    def denoise(self, video: torch.Tensor, actions: torch.Tensor, timestep, robot_id=None, step_size=None):
+    def denoise(self, video: torch.Tensor, actions: torch.Tensor, timestep, robot_id=None, step_size=None,
+                committed=None):
         """One sample-forward of the noisy tokens only, against the cached text and frames:
         video (B, config.noisy_frames, C, H, W) (empty for an action-only model), actions (B, K, A),
         timestep (B,) or a number, step_size (B,) float or a number for a shortcut student (required
         there, refused elsewhere; see WAMTransformer.forward: it reaches the noisy tokens only, so the cached text and frame K/V
-        serve every step size). Returns (video_out, action_out) as the uncached model would for the
-        same inputs."""
+        serve every step size). ``committed``: the clean committed action rows of an ``action_prefix``
+        model. Returns (video_out, action_out) as the uncached model would for the same inputs."""
         c, model = self.config, self.model
-        self._check_denoise(video, actions, robot_id)
+        self._check_denoise(video, actions, robot_id, committed)
         step_size = check_step_size(c, step_size, self.batch, self.device)
         layout = self._contexts["noisy"].layout
         if isinstance(timestep, numbers.Real):
@@ -379,10 +380,10 @@ class TemporalKVCache:
         check_tensor("timestep", timestep, (self.batch,), None, self.device)
         # every segment (video, actions) is noisy; no host-to-device copy, so a CUDA graph can hold this
         temb = model.embed_time(timestep.float()[:, None].expand(-1, layout.num_segments), layout, step_size)
-        return self._denoise(video, actions, robot_id, temb, None)
+        return self._denoise(video, actions, robot_id, temb, None, committed)
 
     @torch.no_grad()
-    def denoise_at(self, step: int, video: torch.Tensor, actions: torch.Tensor, robot_id=None):
+    def denoise_at(self, step: int, video: torch.Tensor, actions: torch.Tensor, robot_id=None, committed=None):
         """``denoise`` at step ``step`` of the grid of ``set_grid`` (its timestep and step size), with
         the time embedding and AdaLN tables computed there: no AdaLN projection runs here."""
         if self._grid is None:
@@ -390,11 +391,11 @@ class TemporalKVCache:
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < len(self._grid[0]):
             raise ValueError(f"TemporalKVCache.denoise_at: step must be an int in [0, {len(self._grid[0])}) "
                              f"(the grid's steps), got {step!r}")
-        self._check_denoise(video, actions, robot_id)
+        self._check_denoise(video, actions, robot_id, committed)
         temb, modulation = self._grid_tables[step]
-        return self._denoise(video, actions, robot_id, temb, modulation)
+        return self._denoise(video, actions, robot_id, temb, modulation, committed)
 
-    def _check_denoise(self, video, actions, robot_id) -> None:
+    def _check_denoise(self, video, actions, robot_id, committed=None) -> None:
         model = self.model
         self._require_setup("denoise")
         if not self.text_ready or not self.frame_ready:
@@ -404,10 +405,11 @@ class TemporalKVCache:
         check_tensor("video", video, model.noisy_video_shape(self.batch), self.dtype, self.device)
         check_tensor("actions", actions, model.action_shape(self.batch), self.dtype, self.device)
         check_robot_id(self.config, robot_id, self.batch, self.device)
+        check_committed(self.config, committed, self.batch, self.device)
 
-    def _denoise(self, video, actions, robot_id, temb, modulation):
+    def _denoise(self, video, actions, robot_id, temb, modulation, committed=None):
         model, layout = self.model, self._contexts["noisy"].layout
-        h = model.action_embed(actions, robot_id)
+        h = model.action_embed(actions, robot_id, committed)
         if self.config.noisy_frames:
             h = torch.cat((model.embed_noisy_video(video), h), dim=1)
         return model.predict(self._run("noisy", h, temb, modulation), temb, layout, video.shape)

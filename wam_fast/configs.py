@@ -36,6 +36,11 @@ class WAMConfig:
     first k future frames; ``future_frames=0`` predicts no video at all (``ActionChunk.video`` is None).
     None (the default) denoises every future frame. ``latent_frames`` stays the clip length of the
     data the model learned from (a student keeps its teacher's), and the weights are the same either way.
+
+    ``action_prefix=True`` (a student distilled with ``--prefix-fraction``): forward takes ``committed``
+    (B, action_len, 1) bool, the action rows that are clean committed actions, not noise; their tokens gain
+    the learned ``action_embed.committed`` vector. Real-time chunking gives such a model the actions the
+    robot executes while it infers, and the chunk continues them (``wam_fast.prefix``).
     """
 
     name: str = "custom"
@@ -67,6 +72,7 @@ class WAMConfig:
     distilled_steps: Tuple[int, ...] = ()  # step counts a student was distilled for, increasing
     distilled_cfg_scale: float = 1.0  # guidance scale baked into a student
     future_frames: Optional[int] = None  # temporal only: future frames denoised (None: all; 0: action-only)
+    action_prefix: bool = False  # reads committed actions as clean, flagged action rows (wam_fast.prefix)
 
     def __post_init__(self):
         def positive(field_name):
@@ -216,8 +222,9 @@ class WAMConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if data["future_frames"] is None:  # the default, left out: files of earlier versions still match
-            del data["future_frames"]
+        for name, default in (("future_frames", None), ("action_prefix", False)):
+            if data[name] == default:  # the default, left out: files of earlier versions still match
+                del data[name]
         return data
 
     @classmethod

@@ -6,6 +6,9 @@
         chunk = policy.act(image_latent)      # (B, 1, C, H, W) current observation -> ActionChunk
         robot.execute(chunk.actions)          # (B, action_len, action_dim)
 
+``act(image_latent, prefix=committed)`` samples a chunk whose first d actions are ``committed``, the
+actions the robot executes while this chunk is inferred (real-time chunking: ``wam_fast.realtime``).
+
 ``cache=True`` (mask="temporal" models only) sends only the noisy tokens through the model at each
 denoising step (``wam_fast.cache``); ``cache=False`` runs the whole sequence (text, the last
 ``history`` frames, the current frame, the noisy tokens) at every step, as ``wam_fast.sample`` does.
@@ -34,6 +37,7 @@ import torch
 from wam_fast.cache import TemporalKVCache, not_cacheable_message
 from wam_fast.configs import WAMConfig
 from wam_fast.models.validation import check_robot_id, check_tensor, check_values
+from wam_fast.prefix import ActionPrefix, committed_kwargs, make_prefix
 from wam_fast.sampling import (SAMPLERS, ActionChunk, check_options, check_seed, check_text, resolve_options,
                                run_sampler, step_size_for, uses_guidance)
 from wam_fast.schedules import schedule_for
@@ -140,22 +144,33 @@ class WAMPolicy:
             self.cache.fill_text(text)
 
     @torch.no_grad()
-    def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None) -> ActionChunk:
+    def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None,
+            prefix: Optional[torch.Tensor] = None) -> ActionChunk:
         """The action chunk (and predicted future video latents; None for an action-only model,
         ``config.future_frames == 0``) for the current observation ``image_latent`` (B, 1, C, H, W), a
-        clean latent in the model's dtype and device."""
-        with self.lock:
-            return self._act(image_latent, robot_id)
+        clean latent in the model's dtype and device.
 
-    def _act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]) -> ActionChunk:
+        ``prefix`` (B, d, action_dim), model units, 0 <= d < action_len: actions already committed (the robot
+        executes them while this chunk is inferred; ``wam_fast.realtime``). The chunk's first d actions are
+        these and the rest continues them (``wam_fast.prefix``: the sampler is guided toward them; a model
+        distilled to read them, ``config.action_prefix``, also sees them clean)."""
+        with self.lock:
+            return self._act(image_latent, robot_id, prefix)
+
+    def _act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor],
+             prefix: Optional[torch.Tensor] = None) -> ActionChunk:
         self.check_observation(image_latent, robot_id)
+        if prefix is not None:
+            c = self.config
+            prefix = make_prefix(prefix, self.batch, c.action_len, c.action_dim, self.device)
+            prefix = prefix if prefix.length else None  # an empty prefix: the plain chunk
         slot = None
         if self.cache is not None:
             timesteps, step_size = self.grid()
             self.cache.set_grid(timesteps, step_size)  # host-side; recomputes nothing when unchanged
             slot = self.cache.next_slot
         run = self.run_chunk if self.graphs is None else self.graphs
-        video, actions = run(image_latent, robot_id, slot)
+        video, actions = run(image_latent, robot_id, slot, prefix)
         if self.cache is not None:
             self.cache.note_frame()
         self.end_step(image_latent)
@@ -176,12 +191,14 @@ class WAMPolicy:
             self._grid_key = (key, (tuple(timesteps), step_size_for(self.config, self.steps)))
         return self._grid_key[1]
 
-    def run_chunk(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor], slot: Optional[int]):
+    def run_chunk(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor], slot: Optional[int],
+                  prefix: Optional[ActionPrefix] = None):
         """All the device work of one chunk for a checked observation: (video, actions) float32.
         With the cache, ``slot`` is the ring slot of this frame (``cache.next_slot``) and the cache's
-        grid is set. Reads nothing back to the host and draws only from ``generator``, so a CUDA
-        graph can hold it."""
+        grid is set. ``prefix``: checked committed actions (``wam_fast.prefix``). Reads nothing back to the host
+        and draws only from ``generator``, so a CUDA graph can hold it."""
         c, rows = self.config, self.rows
+        committed = committed_kwargs(c, prefix, rows)
         image = image_latent.repeat(rows, 1, 1, 1, 1)
         robot = None if robot_id is None else robot_id.repeat(rows)
         if self.cache is not None:
@@ -190,17 +207,18 @@ class WAMPolicy:
 
             def forward(video, actions, timestep, step_size):
                 # run_sampler calls this once per step, in grid order: step i of the cache's grid
-                return self.cache.denoise_at(next(steps), video, actions, robot_id=robot)
+                return self.cache.denoise_at(next(steps), video, actions, robot_id=robot, **committed)
         else:
             history = torch.cat(tuple(self.frames), dim=1).repeat(rows, 1, 1, 1, 1) if self.frames else None
 
             def forward(video, actions, timestep, step_size):
                 extra = {} if step_size is None else {"step_size": step_size}  # teachers keep their signature
                 return self.model(video, self.text, actions, timestep, image=image, history=history, robot_id=robot,
-                                  **extra)
+                                  **extra, **committed)
 
         chunk = run_sampler(forward, c, self.batch, self.device, self.dtype, sampler=self.sampler, steps=self.steps,
-                            cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule, generator=self.generator)
+                            cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule, generator=self.generator,
+                            prefix=prefix)
         return chunk.video, chunk.actions
 
     def check_observation(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]) -> None:

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Tuple, Type
 import torch
 
 from wam_fast.models.validation import check_robot_id, check_values, inputs_checked
+from wam_fast.prefix import ActionPrefix, committed_kwargs, guide, make_prefix, set_committed
 from wam_fast.schedules import Schedule, schedule_for
 
 CFG_SCHEDULES = ("constant", "dynamic")
@@ -347,7 +348,8 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
            steps: Optional[int] = None, cfg_scale: Optional[float] = None, cfg_schedule: str = "constant",
            uncond_text: Optional[torch.Tensor] = None, seed: int = 0, return_video: bool = False,
            history: Optional[torch.Tensor] = None, robot_id: Optional[torch.Tensor] = None,
-           noise: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> ActionChunk:
+           noise: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+           prefix: Optional[torch.Tensor] = None) -> ActionChunk:
     """Denoise one action chunk (and future video latents) per row of ``text``.
 
     model      a WAMTransformer (or anything with its call signature, ``config`` and parameters)
@@ -375,6 +377,8 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
                initial noise instead of the seed's first draws (the seed still drives any sampler
                noise), so two models can start from the same noise
     return_video  also return the predicted video latents (an action-only model has none: video is None)
+    prefix     (B, d, action_dim) committed actions (model units, 0 <= d < action_len): the chunk's first d
+               actions are these and the rest continues them (``wam_fast.prefix``)
 
     With guidance on, every step runs ONE forward of 2B rows (cond rows first, then uncond),
     also at steps where the dynamic scale happens to be 1, so shapes stay static.
@@ -402,6 +406,8 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
     check_values({"text": text, "uncond_text": uncond_text, "image": image, "history": history},
                  robot_id, config.num_robots)
 
+    if prefix is not None:
+        prefix = make_prefix(prefix, batch, config.action_len, config.action_dim, device)
     guided = uses_guidance(cfg_scale, cfg_schedule)
     if guided:
         if uncond_text is None:
@@ -413,13 +419,16 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
 
     generator = torch.Generator("cpu").manual_seed(seed)
 
+    extra = committed_kwargs(config, prefix, 2 if guided else 1)
+
     def forward(video, actions, timestep, step_size):
         # step_size only where there is one: a teacher (or a wrapper of one) keeps its call signature
-        extra = {} if step_size is None else {"step_size": step_size}
-        return model(video, text, actions, timestep, image=image, history=history, robot_id=robot_id, **extra)
+        size = {} if step_size is None else {"step_size": step_size}
+        return model(video, text, actions, timestep, image=image, history=history, robot_id=robot_id, **size,
+                     **extra)
 
     chunk = run_sampler(forward, config, batch, device, dtype, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                        cfg_schedule=cfg_schedule, generator=generator, noise=noise)
+                        cfg_schedule=cfg_schedule, generator=generator, noise=noise, prefix=prefix)
     return chunk if return_video and not config.action_only else dataclasses.replace(chunk, video=None)
 
 
@@ -445,7 +454,8 @@ def initial_noise(noise, video_shape, action_shape, generator) -> Tuple[torch.Te
 
 def run_sampler(forward, config, batch: int, device, dtype, *, sampler: str, steps: int, cfg_scale: float,
                 cfg_schedule: str, generator: torch.Generator,
-                noise: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> ActionChunk:
+                noise: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                prefix: Optional[ActionPrefix] = None) -> ActionChunk:
     """The sampling loop of ``sample`` (and of ``WAMPolicy``), with validated options.
 
     ``forward(video, actions, timestep, step_size)`` evaluates the model on rows * batch rows
@@ -455,22 +465,34 @@ def run_sampler(forward, config, batch: int, device, dtype, *, sampler: str, ste
     num_train_timesteps / steps. The initial noise (video first, then actions) comes from
     ``noise`` = (video (B, noisy_frames, C, H, W), actions (B, K, A)) float32 when given (the
     generator is then not used for it), else from ``generator`` (a CPU generator), which also
-    gives any sampler noise. Returns the chunk with its video latents.
+    gives any sampler noise. ``prefix``: committed actions the state is guided toward after every step
+    (``wam_fast.prefix``); an ``action_prefix`` model also gets them clean before every step, and its
+    ``forward`` passes ``prefix.known`` as ``committed``. Returns the chunk with its video latents.
     """
+    # a model that reads committed rows (config.action_prefix) sees them clean at every step; any other
+    # model sees them noised to each step's level (inpainting), from the second step on
+    clean_prefix = prefix is not None and config.action_prefix
     guided = uses_guidance(cfg_scale, cfg_schedule)
     video_shape = (batch, config.noisy_frames, config.latent_channels, config.latent_height, config.latent_width)
     action_shape = (batch, config.action_len, config.action_dim)
     video_size = math.prod(video_shape[1:])
     video_noise, action_noise = initial_noise(noise, video_shape, action_shape, generator)
-    x = torch.cat((video_noise.flatten(1).to(device), action_noise.flatten(1).to(device)), dim=1)
+    video_noise, action_noise = video_noise.to(device), action_noise.to(device)
+    x = torch.cat((video_noise.flatten(1), action_noise.flatten(1)), dim=1)
 
     solver = SAMPLERS[sampler](schedule_for(config), steps, generator)
     rows = 2 if guided else 1
     size = step_size_for(config, steps)
     # one tensor for every step: the step size is the same at each step of a fixed-grid sampler
     step_size = None if size is None else torch.full((rows * batch,), size, device=device, dtype=torch.float32)
+    def with_prefix(x, guided):
+        actions = guided(x[:, video_size:].reshape(action_shape))
+        return torch.cat((x[:, :video_size], actions.flatten(1)), dim=1)
+
     with inputs_checked():  # the grid is in range by construction; the callers checked their inputs
         for i, t in enumerate(solver.timesteps):
+            if clean_prefix:
+                x = with_prefix(x, lambda a: set_committed(a, prefix))
             x_in = x.to(dtype).repeat(rows, 1)
             timestep = torch.full((rows * batch,), t, device=device, dtype=torch.float32)
             video_out, action_out = forward(x_in[:, :video_size].reshape((rows * batch,) + video_shape[1:]),
@@ -482,6 +504,9 @@ def run_sampler(forward, config, batch: int, device, dtype, *, sampler: str, ste
                 scale = guidance_scale(cfg_scale, cfg_schedule, t, config.num_train_timesteps)
                 out = uncond + scale * (cond - uncond)
             x = solver.step(i, x, out)
+            if prefix is not None:  # guided toward the committed actions at the new state's noise level
+                level = solver.alphas[i + 1], solver.sigmas[i + 1]
+                x = with_prefix(x, lambda a: guide(a, prefix, action_noise, *level, clean_committed=clean_prefix))
 
     return ActionChunk(actions=x[:, video_size:].reshape(action_shape), video=x[:, :video_size].reshape(video_shape),
                        sampler=sampler, steps=steps, nfe=steps * rows)

@@ -5,7 +5,9 @@ robot_id, slot)``, which holds all the device work of a chunk: the frame pass in
 ring slot ``slot`` (history aging and the visibility of each slot are computed on the device), the
 initial noise and any sampler noise (drawn from the policy's generator, on the device), every
 denoising step with its precomputed AdaLN tables, every sampler update, the action readout.
-``ChunkGraphs`` is a drop-in for that call (``policy.graphs``; the policy's class is not changed):
+``ChunkGraphs`` is a drop-in for that call (``policy.graphs``; the policy's class is not changed).
+A chunk with a committed prefix (``wam_fast.prefix``) has its own graph per slot, whose prefix tensors
+are copied in like the observation:
 
     first act() in ring slot s      run_chunk eagerly (the real chunk, and the warm-up: Triton
                                     compiles, torch.compile traces), then capture it into graph s
@@ -32,6 +34,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from wam_fast.policy import WAMPolicy
+from wam_fast.prefix import ActionPrefix
 
 
 # ---- capture backends ---------------------------------------------------------------------------------
@@ -100,6 +103,7 @@ class _Graph:
     capture: object
     image: torch.Tensor             # static observation (B, 1, C, H, W)
     robot: Optional[torch.Tensor]   # static robot ids (B,) or None
+    prefix: Optional[ActionPrefix]  # static prefix tensors, or None (a graph without a prefix)
 
 
 class ChunkGraphs:
@@ -143,7 +147,8 @@ class ChunkGraphs:
                 cache.grid, robot, buffers, p.dtype, p.device, id(p.generator))
 
     @torch.no_grad()
-    def __call__(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor], slot: int):
+    def __call__(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor], slot: int,
+                 prefix: Optional[ActionPrefix] = None):
         p = self.policy
         if p.cache is None:
             raise RuntimeError("the policy's KV cache was removed after compile; its graphs need it")
@@ -151,28 +156,38 @@ class ChunkGraphs:
         if binding != self.bound:
             self.graphs.clear()  # drop stale graphs (and their memory) before capturing new ones
             self.bound = binding
-        graph = self.graphs.get(slot)
+        key = (slot, prefix is not None)  # a prefix's length is data (its mask): one graph serves every length
+        graph = self.graphs.get(key)
         if graph is None:
-            video, actions = p.run_chunk(image_latent, robot_id, slot)  # the real chunk, and the warm-up
-            self.graphs[slot] = self._capture(image_latent, robot_id, slot)
+            video, actions = p.run_chunk(image_latent, robot_id, slot, prefix)  # the real chunk, and the warm-up
+            self.graphs[key] = self._capture(image_latent, robot_id, slot, prefix)
             return video, actions
         graph.image.copy_(image_latent)
         if graph.robot is not None:
             graph.robot.copy_(robot_id)
+        if graph.prefix is not None:
+            for static, value in zip(self._prefix_tensors(graph.prefix), self._prefix_tensors(prefix)):
+                static.copy_(value)
         video, actions = graph.capture.replay()
         self.replays += 1
         return video.clone(), actions.clone()
 
-    def _capture(self, image_latent, robot_id, slot: int) -> _Graph:
+    @staticmethod
+    def _prefix_tensors(prefix: ActionPrefix):
+        return prefix.actions, prefix.weight, prefix.known
+
+    def _capture(self, image_latent, robot_id, slot: int, prefix: Optional[ActionPrefix]) -> _Graph:
         p = self.policy
         image = image_latent.clone()
         robot = None if robot_id is None else robot_id.clone()
+        if prefix is not None:
+            prefix = ActionPrefix(*(t.clone() for t in self._prefix_tensors(prefix)), prefix.length)
         pool = next((g.capture.memory_pool() for g in self.graphs.values()), None)
         capture = self.capture_cls(p.device, pool=pool, generator=p.generator)
         policy = self._policy  # EagerCapture keeps the call: a weak reference, no cycle through the policy
-        capture.capture(lambda: policy().run_chunk(image, robot, slot))
+        capture.capture(lambda: policy().run_chunk(image, robot, slot, prefix))
         self.captures += 1
-        return _Graph(capture, image, robot)
+        return _Graph(capture, image, robot, prefix)
 
 
 # ---- plugging into a policy ------------------------------------------------------------------------------

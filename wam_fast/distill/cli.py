@@ -3,7 +3,8 @@
 Three commands (``python -m wam_fast.distill --help`` documents every option):
 
   python -m wam_fast.distill --teacher CKPT --data DIR --out DIR [--method shortcut|consistency]
-        [--steps 1,2,4] [--mask temporal|full] [--history N] [--future-frames K] [--cfg-scale S] [--rollout]
+        [--steps 1,2,4] [--mask temporal|full] [--history N] [--future-frames K] [--prefix-fraction F]
+        [--cfg-scale S] [--rollout]
         [--train-steps N] [--batch-size N] [--micro-batch-size N] [--lr F] [--ema-decay F]
         [--checkpoint-every N] [--precision bf16|fp32] [--parallel auto|none|ddp|fsdp] [--seed N]
         [--solver-steps N] [--eval-conditions N] [--eval-seeds N] [--teacher-steps N]
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="temporal students: the future latent frames the student denoises beside the "
                               "action chunk; 0 = an action-only student that predicts no video (the fastest "
                               "chunk: its noisy tokens are the actions alone); default: all of the teacher's")
+    student.add_argument("--prefix-fraction", type=_number, default=None, metavar="F",
+                         help="shortcut students: give this share of training rows a committed action prefix (the "
+                              "data's first d actions, clean); the student then continues the actions a robot commits "
+                              "while it infers (real-time chunking: WAMPolicy.act(prefix=...))")
     student.add_argument("--cfg-scale", type=_number, default=None, metavar="S",
                          help="classifier-free guidance of the teacher baked into the student (default: the "
                               "teacher's default guidance, wam_fast.sampling.default_options)")
@@ -245,7 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ("--rollout", args.rollout), ("--history", args.history is not None),
                 ("--precision", args.precision is not None), ("--micro-batch-size", args.micro_batch_size is not None),
                 ("--parallel", args.parallel != "auto"), ("--teacher-steps", args.teacher_steps is not None),
-                ("--future-frames", args.future_frames is not None)) if given]
+                ("--future-frames", args.future_frames is not None),
+                ("--prefix-fraction", args.prefix_fraction is not None)) if given]
             if unused:
                 raise CLIError(f"{', '.join(unused)}: options of a run with --teacher and --data; the demo "
                                "(no --teacher / --data) does not take them")
@@ -272,7 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 checkpoint_every=args.checkpoint_every, precision=args.precision, parallel=args.parallel,
                 seed=args.seed, eval_conditions=args.eval_conditions, eval_seeds=args.eval_seeds,
                 teacher_steps=args.teacher_steps, eval_batch_size=args.eval_batch_size,
-                solver_steps=args.solver_steps, progress=not args.no_progress, future_frames=args.future_frames)
+                solver_steps=args.solver_steps, progress=not args.no_progress, future_frames=args.future_frames,
+                prefix_fraction=args.prefix_fraction)
         return 0
     except CLIError as error:
         print(f"python -m wam_fast.distill: error: {error}", file=sys.stderr, flush=True)

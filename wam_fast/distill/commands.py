@@ -223,12 +223,14 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
             checkpoint_every: int = 500, precision: Optional[str] = None, parallel: str = "auto", seed: int = 0,
             eval_conditions: Optional[int] = None, eval_seeds: int = 4, teacher_steps: Optional[int] = None,
             eval_batch_size: int = 64, solver_steps: Optional[int] = None, progress: bool = True,
-            tensorboard: bool = True, future_frames: Optional[int] = None):
+            tensorboard: bool = True, future_frames: Optional[int] = None, prefix_fraction: Optional[float] = None):
     """The distill command (``cli`` module docstring) as a function; returns the EvalReport (None on ranks > 0).
 
     teacher, data, out   directories: the teacher checkpoint, the latent dataset, the run's output
     future_frames  the future frames a temporal student denoises (None: the teacher's, all; 0: an
                    action-only student, which predicts no video)
+    prefix_fraction  shortcut students: the share of training rows with a committed action prefix; the
+                   student then reads committed actions (real-time chunking, ``wam_fast.prefix``)
     Raises CLIError (before writing anything) for a bad input.
     """
     if method not in METHODS:
@@ -239,6 +241,14 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
     if solver_steps is not None and method != "consistency":
         raise CLIError("--solver-steps is an option of --method consistency")
     objective_options = {} if solver_steps is None else {"solver_steps": solver_steps}
+    if prefix_fraction is not None:
+        if method != "shortcut":
+            raise CLIError("--prefix-fraction is an option of --method shortcut (its committed rows learn the data's "
+                           "velocity beside the teacher's rows)")
+        if not 0.0 < prefix_fraction < 1.0:
+            raise CLIError(f"--prefix-fraction must be in (0, 1) (the share of rows with a committed prefix), "
+                           f"got {prefix_fraction}")
+        objective_options["prefix_fraction"] = float(prefix_fraction)
     out = Path(out)
     teacher_model = load_model(teacher, "--teacher")
     tc = teacher_model.config
@@ -259,7 +269,8 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
         raise CLIError(f"--cfg-scale must be >= 0, got {cfg_scale}")
     with _checking("the student"):
         student = objectives.make_student(teacher_model, method, steps, mask=mask, history_frames=history,
-                                          cfg_scale=float(cfg_scale), future_frames=future_frames)
+                                          cfg_scale=float(cfg_scale), future_frames=future_frames,
+                                          action_prefix=prefix_fraction is not None)
     with _checking(f"--method {method}"):
         objective = objectives.objective_for(method, teacher_model, student.config, **objective_options)
     _check_data_fits(dataset, student.config)
@@ -290,6 +301,8 @@ def distill(teacher, data, out, *, method: str = "shortcut", steps: Sequence[int
                 "eval_batch_size": eval_batch_size, "solver_steps": solver_steps}
     if future_frames is not None:  # only when given: runs of earlier versions resume with the same settings
         settings["future_frames"] = future_frames
+    if prefix_fraction is not None:
+        settings["prefix_fraction"] = float(prefix_fraction)
     check_run_file(out, settings)
     rollout_path = out / ROLLOUT_DIR
     # under torchrun the ranks agree on rank 0's view of the rollout (rank 0 may be writing it already)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from wam_fast.configs import WAMConfig
+from wam_fast.distill.committed import CommittedPrefix
 from wam_fast.models.transformer import WAMTransformer
 from wam_fast.schedules import DDPMSchedule, schedule_for
 
@@ -163,21 +164,28 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def run_model(model, config, video, text, actions, t, ctx, step_size=None):
-    """float32 outputs of one forward; latents and text cast to the model's dtype, times float32."""
+def run_model(model, config, video, text, actions, t, ctx, step_size=None, committed=None):
+    """float32 outputs of one forward; latents and text cast to the model's dtype, times float32.
+    ``committed``: (rows, K, 1) bool, the clean committed action rows of an ``action_prefix`` student."""
     dtype = _model_dtype(model)
     kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
               for k, v in ctx.items()}
     if step_size is not None:
         kwargs["step_size"] = step_size.float().to(video.device)
+    if committed is not None:
+        kwargs["committed"] = committed.to(video.device)
     video_out, action_out = model(video.to(dtype), text.to(dtype), actions.to(dtype), t.to(video.device), **kwargs)
     return video_out.float(), action_out.float()
+
+
+def _video_size(config: WAMConfig) -> int:
+    return config.noisy_frames * config.latent_channels * config.latent_height * config.latent_width
 
 
 def _split(config: WAMConfig, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """A flat (rows, video + actions) state -> (video, actions) shaped for ``config``."""
     rows = x.shape[0]
-    video_size = config.noisy_frames * config.latent_channels * config.latent_height * config.latent_width
+    video_size = _video_size(config)
     video = x[:, :video_size].reshape(rows, config.noisy_frames, config.latent_channels,
                                       config.latent_height, config.latent_width)
     return video, x[:, video_size:].reshape(rows, config.action_len, config.action_dim)
@@ -330,14 +338,16 @@ def check_teacher_student(teacher_config: WAMConfig, student_config: WAMConfig) 
 
 
 def make_student(teacher, method: str, steps: Sequence[int] = (1, 2, 4), mask: Optional[str] = None,
-                 history_frames: Optional[int] = None, cfg_scale: float = 1.0, future_frames: Optional[int] = None):
+                 history_frames: Optional[int] = None, cfg_scale: float = 1.0, future_frames: Optional[int] = None,
+                 action_prefix: bool = False):
     """A student initialised from the teacher's weights (a WAMTransformer on the teacher's device,
     float32): ``distillation=method``, ``distilled_steps=steps``, ``distilled_cfg_scale=cfg_scale``,
     ``mask`` (default the teacher's) and ``history_frames`` (temporal students; default the teacher's,
     0 for a full teacher). ``future_frames`` (temporal students): the future frames the student
     denoises, 0 for an action-only student (default: the teacher's, all of them). A shortcut
     student's step embedding starts at zero, so at first it predicts exactly what the teacher does
-    (with every frame it denoises)."""
+    (with every frame it denoises). ``action_prefix``: the student reads committed action rows
+    (``WAMConfig.action_prefix``; its ``action_embed.committed`` starts at zero)."""
     if method not in METHODS:
         raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
     tc = getattr(teacher, "config", None)
@@ -353,13 +363,14 @@ def make_student(teacher, method: str, steps: Sequence[int] = (1, 2, 4), mask: O
     suffix = "" if future_frames is None else f"-future{future_frames}"
     config = dataclasses.replace(tc, name=f"{tc.name}-{method}{suffix}", mask=mask, history_frames=history_frames,
                                  distillation=method, distilled_steps=_check_steps(steps),
-                                 distilled_cfg_scale=float(cfg_scale), future_frames=future_frames)
+                                 distilled_cfg_scale=float(cfg_scale), future_frames=future_frames,
+                                 action_prefix=bool(action_prefix))
     check_teacher_student(tc, config)
     param = next(teacher.parameters())
     student = WAMTransformer(config).to(param.device)
     state = {k: v.detach().float() for k, v in teacher.state_dict().items()}
     missing, unexpected = student.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("step_embed.") for k in missing):
+    if unexpected or any(not k.startswith("step_embed.") and k != "action_embed.committed" for k in missing):
         raise ValueError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
     if config.action_only:  # its video head never runs: kept as the teacher's, out of DDP's gradient reduction
         for head in (student.video_out_norm, student.video_proj):
@@ -460,12 +471,13 @@ class ShortcutObjective(_Distillation):
     method = "shortcut"
 
     def __init__(self, teacher, config: WAMConfig, cfg_scale: Optional[float] = None, period: int = 4,
-                 video_weight: float = 1.0, action_weight: float = 1.0):
+                 video_weight: float = 1.0, action_weight: float = 1.0, prefix_fraction: float = 0.0):
         super().__init__(teacher, config, cfg_scale, video_weight, action_weight)
         if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 2:
             raise ValueError(f"period must be an int >= 2 (one coarse row in `period`), got {period!r}")
         self.period = int(period)
         self.steps = torch.tensor(config.distilled_steps)
+        self.prefix = CommittedPrefix(config, prefix_fraction)
 
     def draw(self, rows: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         c = self.config
@@ -483,7 +495,7 @@ class ShortcutObjective(_Distillation):
                 "t_mid": sampling_grid_timestep(c, 2 * steps, 2 * index + 1),
                 "t_end": sampling_grid_timestep(c, steps, index + 1),
                 "step_size": torch.where(coarse, T / steps.float(), torch.zeros(rows)),
-                **self._noise(rows, generator)}
+                **self._noise(rows, generator), **self.prefix.draw(rows, generator)}
 
     def half_step_size(self, d: torch.Tensor) -> torch.Tensor:
         """The step size the EMA student is asked for on a half step of d: d / 2 when the student is
@@ -510,8 +522,15 @@ class ShortcutObjective(_Distillation):
                                                  draws["t_end"][coarse], d[coarse], sub)
             target = target.clone()
             target[rows] = target_coarse
+        committed = self.prefix.committed(draws, x_t.device)
+        if committed is not None:  # prefixed rows: their committed actions clean, the data's velocity the target
+            x_t = self.prefix.set_clean(x_t, x0, committed)
+            data = self.schedule.velocity_target(x0, draws["noise"].to(x0.device), t.to(x0.device))
+            target = torch.where(_rows(draws["prefix"] > 0, target), data, target)
         video, actions = _split(c, x_t)
-        out = _flat(*run_model(student, c, video, batch["text"], actions, t, ctx, step_size=d))
+        out = _flat(*run_model(student, c, video, batch["text"], actions, t, ctx, step_size=d, committed=committed))
+        if committed is not None:  # nothing to learn on the committed rows themselves
+            target = torch.where(self.prefix.state_mask(committed), out.detach(), target)
         loss, video_mse, action_mse = _weighted_mse(c, out, target, self.video_weight, self.action_weight)
         fine_mse = _weighted_mse(c, out.detach(), target, self.video_weight, self.action_weight,
                                  rows=~coarse.to(out.device))[0]

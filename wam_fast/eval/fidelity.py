@@ -3,6 +3,7 @@
     python -m wam_fast.eval --task push-v3 --task drawer-open-v3          # everything, CPU
     python -m wam_fast.eval --task button-press-wall-v3                   # the multimodal task
     python -m wam_fast.eval --task push-v3 --smoke                        # minutes: the pipeline only
+    python -m wam_fast.eval --rtc --task push-v3                          # real-time chunking under delay
 
 Per task, each stage reuses what OUT/<task> already holds (a re-run resumes where it stopped):
 
@@ -45,6 +46,7 @@ from wam_fast.distill.data import LatentDataset
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import RESULTS_DIR, environment, markdown_table, plot, write_results
 from wam_fast.eval.rollout import chunk_latency_ms, evaluate_row, make_policy, measure_row_video
+from wam_fast.eval.realtime_eval import RTC_DELAYS, RTC_EPISODES, RTC_MODELS, rtc_table, run_rtc
 from wam_fast.eval.settings import MODELS, STUDENTS, Settings, model_config
 from wam_fast.eval.stages import distill_command, distill_student, make_demos, make_latents, train_teacher
 from wam_fast.eval.video_fidelity import VIDEO_KEYS
@@ -192,6 +194,16 @@ def run_task(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, pro
 
 
 # ---- command line ------------------------------------------------------------------------------------
+def delay_list(text: str) -> tuple:
+    try:
+        delays = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0, got {text!r}") from None
+    if not delays or min(delays) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0, got {text!r}")
+    return delays
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m wam_fast.eval",
@@ -210,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", help=f"comma-separated rows (default all: {','.join(r.name for r in MODELS)})")
     parser.add_argument("--retime", action="store_true", help="only time the recorded rows again (latency at "
                         "batch 1, e.g. on an idle machine); success rates are kept")
+    parser.add_argument("--rtc", action="store_true", help="real-time chunking instead (eval.realtime_eval): rows "
+                        "under an injected inference delay, sync / naive async / rtc; "
+                        "benchmarks/results/metaworld-<task>-rtc.json")
+    parser.add_argument("--rtc-models", default=",".join(RTC_MODELS), help="--rtc: comma-separated rows, the first "
+                        f"judged by the targets (default {','.join(RTC_MODELS)})")
+    parser.add_argument("--delays", type=delay_list, default=RTC_DELAYS, help="--rtc: comma-separated inference "
+                        f"delays in control ticks (default {','.join(map(str, RTC_DELAYS))})")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: the fastest per core "
                         "for this small model; run tasks in parallel processes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -229,12 +248,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for task in args.task or RECORDED_TASKS:
         settings = Settings.smoke(task) if args.smoke else Settings.for_task(task)
         overrides = {}
-        if args.episodes is not None:
-            overrides["episodes"] = args.episodes
+        if args.episodes is not None or (args.rtc and not args.smoke):
+            overrides["episodes"] = args.episodes or RTC_EPISODES
         if args.models:
             overrides["models"] = tuple(args.models.split(","))
         settings = dataclasses.replace(settings, **overrides)
         try:
+            if args.rtc:
+                results = run_rtc(settings, Path(args.out), Path(args.results), models=args.rtc_models.split(","),
+                                  delays=args.delays, progress=not args.no_progress)
+                print(rtc_table(results))
+                continue
             if args.retime:
                 results = retime(settings, Path(args.results))
             else:

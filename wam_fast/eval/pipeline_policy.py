@@ -102,6 +102,7 @@ class PipelinePolicy:
                              f"(text_len, text_dim) on every row; got another text {got}")
         self.session.reset()
 
-    def act(self, images) -> SimpleNamespace:
-        """uint8 RGB (B, H, W, 3) -> SimpleNamespace(actions=(B, K, A) float32 tensor)."""
-        return SimpleNamespace(actions=torch.from_numpy(self.session.act_batch(images, self.task)))
+    def act(self, images, prefix=None) -> SimpleNamespace:
+        """uint8 RGB (B, H, W, 3) -> SimpleNamespace(actions=(B, K, A) float32 tensor). ``prefix``: (B, d, A)
+        committed actions (real-time chunking, ``wam_fast.realtime``)."""
+        return SimpleNamespace(actions=torch.from_numpy(self.session.act_batch(images, self.task, prefix)))

@@ -96,14 +96,16 @@ def run_episodes(policy, task: str, episodes: int, *, horizon: int, execute: int
 
 
 def chunk_latency_ms(policy, text: torch.Tensor, image: np.ndarray, repeats: int = 20,
-                     warmup: int = 3) -> Tuple[float, List[float]]:
+                     warmup: int = 3, prefix: Optional[np.ndarray] = None) -> Tuple[float, List[float]]:
     """(median, every timing) in ms of one ``policy.act`` at batch 1 on a real observation (CPU timer):
-    uint8 pixels to actions (frame conversion and encoder included)."""
+    uint8 pixels to actions (frame conversion and encoder included); ``prefix`` (d, A): with these
+    committed actions (real-time chunking)."""
     policy.reset(text[None])
+    options = {} if prefix is None else {"prefix": prefix[None]}
     times = []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
-        policy.act(image[None])
+        policy.act(image[None], **options)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times)), times

@@ -127,8 +127,9 @@ def train_teacher(settings: Settings, demos: Path, directory: Path, progress: bo
 
 
 def distill_command(settings: Settings, teacher: Path, demos: Path, out: Path, method: str,
-                    future_frames: Optional[int] = None) -> List[str]:
-    """The ``python -m wam_fast.distill`` command line of one student (``future_frames=0``: action-only)."""
+                    future_frames: Optional[int] = None, prefix_fraction: Optional[float] = None) -> List[str]:
+    """The ``python -m wam_fast.distill`` command line of one student (``future_frames=0``: action-only;
+    ``prefix_fraction``: a student that reads committed actions, for real-time chunking)."""
     steps = settings.distill_steps(method)
     command = [sys.executable, "-m", "wam_fast.distill", "--teacher", str(teacher), "--data", str(demos),
                "--out", str(out), "--method", method, "--steps", "1,2,4", "--mask", "temporal", "--cfg-scale", "1",
@@ -140,6 +141,8 @@ def distill_command(settings: Settings, teacher: Path, demos: Path, out: Path, m
         command += ["--solver-steps", str(settings.solver_steps)]
     if future_frames is not None:
         command += ["--future-frames", str(future_frames)]
+    if prefix_fraction is not None:
+        command += ["--prefix-fraction", str(prefix_fraction)]
     return command
 
 
@@ -161,11 +164,11 @@ def _digest(directory: Path) -> str:
 
 
 def distill_student(settings: Settings, teacher: Path, demos: Path, out: Path, method: str,
-                    future_frames: Optional[int] = None) -> Path:
+                    future_frames: Optional[int] = None, prefix_fraction: Optional[float] = None) -> Path:
     """Run ``python -m wam_fast.distill`` for one student, unless ``out`` holds the one this command
     distils from this teacher. Other settings on the same ``out``: the CLI resumes (longer training) or
     refuses them; a teacher whose weights changed since is refused here (its old student would pass)."""
-    command = distill_command(settings, teacher, demos, out, method, future_frames)
+    command = distill_command(settings, teacher, demos, out, method, future_frames, prefix_fraction)
     key = {"stage": "student", "command": command[1:], "teacher_sha256": _digest(teacher)}
     if _stage_done(out, key):
         return out / "final"

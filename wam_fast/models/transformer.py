@@ -207,18 +207,25 @@ class PatchEmbed(nn.Module):
 
 
 class ActionEmbed(nn.Module):
-    """Linear(action_dim -> D) + learned position per chunk row (+ optional robot-id embedding)."""
+    """Linear(action_dim -> D) + learned position per chunk row (+ optional robot-id embedding; + with
+    ``action_prefix``, the learned ``committed`` vector on rows that hold clean committed actions)."""
 
-    def __init__(self, action_dim: int, action_len: int, hidden_dim: int, num_robots: int = 0):
+    def __init__(self, action_dim: int, action_len: int, hidden_dim: int, num_robots: int = 0,
+                 action_prefix: bool = False):
         super().__init__()
         self.proj = nn.Linear(action_dim, hidden_dim)
         self.position = nn.Parameter(torch.randn(action_len, hidden_dim) * 0.02)
         self.robot = nn.Embedding(num_robots, hidden_dim) if num_robots else None
+        # zero at first: a student made from a teacher starts as the teacher
+        self.committed = nn.Parameter(torch.zeros(hidden_dim)) if action_prefix else None
 
-    def forward(self, actions: torch.Tensor, robot_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, actions: torch.Tensor, robot_id: Optional[torch.Tensor] = None,
+                committed: Optional[torch.Tensor] = None) -> torch.Tensor:
         tokens = self.proj(actions) + self.position
         if self.robot is not None:
             tokens = tokens + self.robot(robot_id)[:, None, :]
+        if committed is not None:
+            tokens = tokens + committed.to(tokens.dtype) * self.committed
         return tokens
 
 
@@ -366,7 +373,8 @@ class WAMTransformer(nn.Module):
         dim = config.hidden_dim
         self.patch_embed = PatchEmbed(config.in_channels, dim, config.patch_size)
         self.text_proj = nn.Linear(config.text_dim, dim)
-        self.action_embed = ActionEmbed(config.action_dim, config.action_len, dim, config.num_robots)
+        self.action_embed = ActionEmbed(config.action_dim, config.action_len, dim, config.num_robots,
+                                        config.action_prefix)
         self.time_embed = TimestepEmbedding(dim, config.time_embed_dim)
         if config.distillation == "shortcut":
             self.step_embed = TimestepEmbedding(dim, config.time_embed_dim)
@@ -393,10 +401,11 @@ class WAMTransformer(nn.Module):
         return (batch, self.config.action_len, self.config.action_dim)
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, video, text, actions, timestep, image=None, history=None, robot_id=None, step_size=None):
+    def forward(self, video, text, actions, timestep, image=None, history=None, robot_id=None, step_size=None,
+                committed=None):
         c = self.config
         timestep, layout, step_size = check_forward_inputs(self, video, text, actions, timestep, image, history,
-                                                           robot_id, step_size)
+                                                           robot_id, step_size, committed)
         ctx = ForwardContext(layout, c, video.device)
 
         tokens = [self.text_proj(text)]
@@ -406,7 +415,7 @@ class WAMTransformer(nn.Module):
                 tokens.append(self.embed_clean_frames(torch.cat(clean, dim=1)))
         if c.noisy_frames:
             tokens.append(self.embed_noisy_video(video, image))
-        tokens.append(self.action_embed(actions, robot_id))
+        tokens.append(self.action_embed(actions, robot_id, committed))
         temb = self.embed_time(timestep, layout, step_size)  # (B, S, E)
         h = self.run_blocks(torch.cat(tokens, dim=1), temb, ctx)
         return self.predict(h, temb, layout, video.shape)

@@ -145,7 +145,21 @@ def check_step_size(config, step_size, batch: int, device):
     return step_size.float()
 
 
-def check_forward_inputs(model, video, text, actions, timestep, image, history, robot_id, step_size=None):
+def check_committed(config, committed, batch: int, device) -> None:
+    """``committed``: None, or (B, action_len, 1) bool on the model's device, for an ``action_prefix`` model."""
+    if committed is None:
+        return
+    if not config.action_prefix:
+        raise ValueError("committed action rows given, but this model does not read a committed prefix "
+                         "(config.action_prefix is False; distil a student with --prefix-fraction)")
+    require_tensor("committed", committed)
+    if committed.dtype != torch.bool:
+        raise TypeError(f"committed must be a bool tensor (True on committed action rows), got {committed.dtype}")
+    check_tensor("committed", committed, (batch, config.action_len, 1), None, device)
+
+
+def check_forward_inputs(model, video, text, actions, timestep, image, history, robot_id, step_size=None,
+                         committed=None):
     """Validate one forward's inputs; returns (per-segment timesteps (B, S) float32, layout,
     step size (B,) float32 or None)."""
     c = model.config
@@ -174,6 +188,7 @@ def check_forward_inputs(model, video, text, actions, timestep, image, history, 
                              f"got {num_history}")
     check_robot_id(c, robot_id, b, device)
     step_size = check_step_size(c, step_size, b, device)
+    check_committed(c, committed, b, device)
 
     layout: SegmentLayout = model.layout(num_history, has_image=image is not None or c.mask == "full")
     return _segment_timesteps(timestep, layout, b, device, c.num_train_timesteps), layout, step_size

@@ -9,6 +9,10 @@ string), the frame's latent (the frame encoder), one chunk of the session's WAMP
 the student's own sampler and steps), and the de-normalisation of the actions (mean / std of the
 dataset). A session whose instruction changes starts a new episode. Single camera, no proprioceptive
 state in this version: more cameras or a ``state`` are refused.
+
+Real-time chunking: ``session(image, instruction, prefix=committed)`` with ``committed`` (d, A) the actions
+the robot executes while this chunk is inferred returns a chunk that starts with them and continues them
+(``wam_fast.prefix``); ``wam_fast.realtime.RealTimeChunker`` runs that loop on a robot.
 """
 from __future__ import annotations
 
@@ -161,6 +165,31 @@ class WAMPipeline:
             return actions
         return actions * self.normalization["std"].to(actions.device) + self.normalization["mean"].to(actions.device)
 
+    def normalize(self, actions: torch.Tensor) -> torch.Tensor:
+        """Robot units (..., A) float32 -> model actions (the inverse of ``denormalize``)."""
+        if self.normalization is None:
+            return actions
+        return (actions - self.normalization["mean"].to(actions.device)) / self.normalization["std"].to(actions.device)
+
+    def check_prefix(self, prefix, batch: int) -> torch.Tensor:
+        """Committed actions in robot units, (B, d, A) (one row per observation), numpy or torch, any float
+        dtype -> a float32 CPU tensor; 0 <= d < action_len, finite (``wam_fast.prefix``)."""
+        c = self.config
+        if isinstance(prefix, np.ndarray):
+            prefix = torch.from_numpy(np.ascontiguousarray(prefix))
+        if not isinstance(prefix, torch.Tensor):
+            raise TypeError(f"prefix must be a numpy array or torch tensor of committed actions (d, {c.action_dim}), "
+                            f"got {type(prefix).__name__}")
+        if not prefix.dtype.is_floating_point:
+            raise TypeError(f"prefix must hold float actions (robot units), got dtype {prefix.dtype}")
+        if prefix.dim() != 3 or prefix.shape[0] != batch or prefix.shape[2] != c.action_dim \
+                or not 0 <= prefix.shape[1] < c.action_len:
+            raise ValueError(f"prefix must have shape ({batch}, d, {c.action_dim}) with 0 <= d < {c.action_len} "
+                             f"(committed actions of each row), got {tuple(prefix.shape)}")
+        if not torch.isfinite(prefix).all():
+            raise ValueError("prefix holds non-finite values (NaN or inf)")
+        return prefix.detach().to("cpu", torch.float32)
+
     def make_policy(self, seed: Optional[int] = None) -> WAMPolicy:
         return WAMPolicy(self.model, steps=self.steps, sampler=self.sampler, cache=self.cache, seed=seed,
                          cfg_scale=self.cfg_scale)
@@ -179,7 +208,7 @@ class WAMPipeline:
         policy_options = self.make_policy(seed=0)
         return {"image_key": "image", "prompt_key": "prompt", "image_shape": list(self.image_shape),
                 "image_dtype": "uint8", "max_cameras": 1, "action_shape": [c.action_len, c.action_dim],
-                "state": False,
+                "state": False, "prefix_key": "prefix_actions", "max_prefix": c.action_len - 1,
                 "model": {"name": c.name, "mask": c.mask, "distillation": c.distillation,
                           "sampler": policy_options.sampler, "steps": policy_options.steps,
                           "frame_encoder": self.frame_encoder.name, "text_encoder": self.text_encoder.kind,
@@ -220,25 +249,37 @@ class PipelineSession:
         with self.lock:
             self.instruction = None
 
-    def __call__(self, images, instruction: str, state=None) -> np.ndarray:
-        """One action chunk (K, A) float32 in robot units for the current frame and instruction."""
+    def __call__(self, images, instruction: str, state=None, prefix=None) -> np.ndarray:
+        """One action chunk (K, A) float32 in robot units for the current frame and instruction.
+
+        ``prefix`` (d, A) robot units: the actions the robot executes while this chunk is inferred (real-time
+        chunking, ``wam_fast.realtime``); the chunk's first d actions are these and the rest continues them."""
         if state is not None:
             raise ValueError("this pipeline takes no proprioceptive state (metadata 'state': False); got a state")
         check_instruction(instruction)
-        return self.run(self.pipeline.check_images(images), instruction)[0]
+        images = self.pipeline.check_images(images)
+        if prefix is not None:
+            if isinstance(prefix, (np.ndarray, torch.Tensor)) and prefix.ndim == 2:
+                prefix = prefix[None]
+            prefix = self.pipeline.check_prefix(prefix, 1)
+        return self.run(images, instruction, prefix)[0]
 
-    def act_batch(self, images, instruction: str) -> np.ndarray:
+    def act_batch(self, images, instruction: str, prefix=None) -> np.ndarray:
         """B observations of B episodes run as one batch (the Meta-World harness): images (B, H, W, 3)
-        -> actions (B, K, A). Every row follows ``instruction``; B is fixed within an episode."""
+        -> actions (B, K, A). Every row follows ``instruction``; B is fixed within an episode.
+        ``prefix``: (B, d, A) committed actions of each row, robot units (see ``__call__``)."""
         check_instruction(instruction)
         images = self.pipeline.check_images(images, batch=True)
         if instruction == self.instruction and len(images) != self.policy.batch:
             raise ValueError(f"the episode runs {self.policy.batch} rows, got a batch of {len(images)} images "
                              f"(reset() first to change it)")
-        return self.run(images, instruction)
+        if prefix is not None:
+            prefix = self.pipeline.check_prefix(prefix, len(images))
+        return self.run(images, instruction, prefix)
 
-    def run(self, images: torch.Tensor, instruction: str) -> np.ndarray:
-        """Checked images (B, H, W, 3) -> actions (B, K, A): text, frame encode, one policy chunk, readout."""
+    def run(self, images: torch.Tensor, instruction: str, prefix: Optional[torch.Tensor] = None) -> np.ndarray:
+        """Checked images (B, H, W, 3) -> actions (B, K, A): text, frame encode, one policy chunk, readout.
+        ``prefix``: checked committed actions (B, d, A), robot units; returned unchanged as the first d."""
         pipe = self.pipeline
         with self.lock:
             start = time.perf_counter()
@@ -249,8 +290,11 @@ class PipelineSession:
             if instruction != self.instruction:  # a new instruction: a new episode
                 self.policy.reset(text.expand(len(images), -1, -1).contiguous())
                 self.instruction = instruction
-            chunk = self.policy.act(latents)
+            committed = None if prefix is None else pipe.normalize(prefix).to(pipe.device)
+            chunk = self.policy.act(latents, prefix=committed)
             actions = pipe.denormalize(chunk.actions.float()).cpu().numpy().astype(np.float32)
+            if prefix is not None:  # exactly what the robot executes, not its round trip through the statistics
+                actions[:, :prefix.shape[1]] = prefix.numpy()
             done = time.perf_counter()
             if pipe.decode_video:
                 self.last_video = pipe.frame_encoder.decode(chunk.video)
