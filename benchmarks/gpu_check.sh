@@ -5,10 +5,11 @@
 #   bash benchmarks/gpu_check.sh                                # STAGES="build bench"
 #   STAGES="build gputests" bash benchmarks/gpu_check.sh        # the GPU test subset (GPU_TESTS), ~7 min cap
 #   STAGES="build kernels graphs" bash benchmarks/gpu_check.sh  # kernels per layer on the GPU; one W1 act()
+#                                                               # (graphs: also with a committed prefix vs without)
 #                                                               # from its graph vs eager (1 and 4 steps, bf16 / FP8)
 #   STAGES="benchmarks" bash benchmarks/gpu_check.sh chunk      # op benchmarks (pytest -k expression)
 #   STAGES="build families" bash benchmarks/gpu_check.sh        # wam_fast.compile on six WAM families, timed
-# Stages (any subset, run in this order): build info gputests benchmarks kernels graphs bench.
+# Stages (any subset, run in this order): build info gputests benchmarks kernels graphs families bench.
 #
 # What comes back: every stage's output goes into ONE log, $OUT/gpu-check.log (also printed), and only
 # the files in OUTPUT_FILES are written to $OUT (8 at most: the limit of what comes back); the script

@@ -1,7 +1,7 @@
 """One action chunk from a captured graph vs the same policy eager: latency and agreement.
 
     python benchmarks/graph_vs_eager.py [--workload videovla-5b] [--steps 1 4] [--variants bf16 fp8]
-                                        [--repeats 30] [--warmup 5] [--layers N] [--json PATH]
+                                        [--prefix 2] [--repeats 30] [--warmup 5] [--layers N] [--json PATH]
 
 For each (variant, steps): a mask="temporal" shortcut student of the workload (random weights; latency
 does not depend on them), ``wam_fast.compile``d twice from the same weights with the KV cache: once
@@ -11,6 +11,9 @@ bit for bit on the CPU stand-in; on a GPU to 1e-3 relative, the graph replays th
 each act() is timed: CUDA events around the call (the device time of a chunk, host work included
 since act() returns after its work is queued and the events bracket it), ``--warmup`` untimed acts
 first, the median and p90 of ``--repeats``; the speedup is the ratio of the two medians of this run.
+Then the graph side acts on the same frames again with ``--prefix`` committed actions (real-time chunking,
+``WAMPolicy.act(prefix=...)``: its own graph per slot): the chunk time with a prefix against without, from
+the same run, and the committed actions must come back exactly.
 On the CPU (no CUDA graphs) the graph side runs through ``EagerCapture`` and the workload defaults to
 "tiny": a smoke run of the code path, not a measurement. Prints the environment beside the numbers.
 """
@@ -38,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--history", type=int, default=2, help="past frames the policy keeps (ring slots - 1)")
+    p.add_argument("--prefix", type=int, default=2, help="committed actions of the real-time chunking pass (0: none)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the workload (memory / time)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -57,20 +61,22 @@ def student(config, steps, device, dtype, seed=0):
     return model.to(dtype).eval()
 
 
-def timed_acts(policy, frames, device, warmup):
-    """act() on every frame; returns (chunks, milliseconds per act after the warm-up)."""
+def timed_acts(policy, frames, device, warmup, prefixes=None):
+    """act() on every frame (with ``prefixes[i]`` when given); returns (chunks, milliseconds per act after
+    the warm-up)."""
     chunks, times = [], []
     for i, frame in enumerate(frames):
+        options = {} if prefixes is None else {"prefix": prefixes[i]}
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            chunk = policy.act(frame)
+            chunk = policy.act(frame, **options)
             end.record()
             end.synchronize()
             ms = start.elapsed_time(end)
         else:
             t0 = time.perf_counter()
-            chunk = policy.act(frame)
+            chunk = policy.act(frame, **options)
             ms = (time.perf_counter() - t0) * 1e3
         chunks.append(chunk)
         if i >= warmup:
@@ -106,15 +112,43 @@ def compare(config, variant, steps, args, device):
     worst = max(((a.actions - b.actions).norm() / a.actions.norm().clamp_min(1e-30)).item()
                 for a, b in zip(e_chunks, g_chunks))
     runner = g_policy.graphs
+    captures, replays = (runner.captures, runner.replays) if runner else (0, 0)
+    prefix_row = prefix_pass(g_policy, g_chunks, frames, device, args) if args.prefix else {}
     row = {"variant": variant, "steps": steps, "eager_median_ms": statistics.median(e_times),
            "graph_median_ms": statistics.median(g_times),
            "eager_p90_ms": sorted(e_times)[int(0.9 * (len(e_times) - 1))],
            "graph_p90_ms": sorted(g_times)[int(0.9 * (len(g_times) - 1))],
            "speedup": statistics.median(e_times) / statistics.median(g_times),
-           "actions_rel_err_max": worst, "captures": runner.captures if runner else 0,
-           "replays": runner.replays if runner else 0,
-           "eager_times_ms": e_times, "graph_times_ms": g_times}
+           "actions_rel_err_max": worst, "captures": captures, "replays": replays,
+           "eager_times_ms": e_times, "graph_times_ms": g_times, **prefix_row}
+    if prefix_row:  # what a committed prefix costs the graph-replayed chunk, from this run
+        row["prefix_cost"] = prefix_row["graph_prefix_median_ms"] / row["graph_median_ms"]
     return row
+
+
+def prefix_pass(policy, chunks, frames, device, args) -> dict:
+    """The graph side again on the same frames, each with ``--prefix`` committed actions taken from the chunk
+    it made of that frame before (the actions a robot would still be running): time and exactness."""
+    d = args.prefix
+    if not 0 < d < policy.config.action_len:
+        raise SystemExit(f"--prefix {d} must be in [1, action_len - 1 = {policy.config.action_len - 1}]")
+    prefixes = [chunk.actions[:, d:2 * d].to(policy.dtype) if 2 * d <= policy.config.action_len
+                else chunk.actions[:, :d].to(policy.dtype) for chunk in chunks]
+    with torch.inference_mode():
+        guided, times = timed_acts(policy, frames, device, args.warmup, prefixes)
+    exact = all(torch.equal(c.actions[:, :d], p.float()) for c, p in zip(guided, prefixes))
+    return {"prefix": d, "graph_prefix_median_ms": statistics.median(times), "prefix_committed_exact": exact,
+            "graph_prefix_times_ms": times}
+
+
+def describe(row) -> str:
+    text = (f"eager {row['eager_median_ms']:.3f} ms (p90 {row['eager_p90_ms']:.3f}), graph {row['graph_median_ms']:.3f} "
+            f"ms (p90 {row['graph_p90_ms']:.3f}), speedup {row['speedup']:.2f}x, actions rel err max "
+            f"{row['actions_rel_err_max']:.2e}, {row['captures']} captures / {row['replays']} replays")
+    if "prefix" in row:
+        text += (f"; with {row['prefix']} committed actions {row['graph_prefix_median_ms']:.3f} ms "
+                 f"({row['prefix_cost']:.3f}x), committed exact {row['prefix_committed_exact']}")
+    return text
 
 
 def main(argv=None) -> dict:
@@ -132,10 +166,7 @@ def main(argv=None) -> dict:
         for steps in args.steps:
             row = compare(config, variant, steps, args, device)
             rows.append(row)
-            print(f"  {variant:5s} {steps} step(s): eager {row['eager_median_ms']:.3f} ms (p90 {row['eager_p90_ms']:.3f}), "
-                  f"graph {row['graph_median_ms']:.3f} ms (p90 {row['graph_p90_ms']:.3f}), speedup "
-                  f"{row['speedup']:.2f}x, actions rel err max {row['actions_rel_err_max']:.2e}, "
-                  f"{row['captures']} captures / {row['replays']} replays", flush=True)
+            print(f"  {variant:5s} {steps} step(s): {describe(row)}", flush=True)
     result = {"workload": workload, "layers": config.num_layers, "device": env["device"], "environment": env,
               "versions": versions(env), "rows": rows}
     if args.json:

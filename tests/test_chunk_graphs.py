@@ -148,3 +148,7 @@ def test_graph_vs_eager_benchmark_runs_on_the_cpu_stand_in():
     assert row["actions_rel_err_max"] <= (1e-3 if GPU else 0.0)  # CPU stand-in: the same kernels, bit for bit
     assert (row["captures"], row["replays"]) == (2, 3)  # 2 ring slots; 5 acts
     assert len(row["graph_times_ms"]) == 3 and row["speedup"] > 0
+    # the real-time chunking pass: the same frames with 2 committed actions, their own graphs
+    assert row["prefix"] == 2 and row["prefix_committed_exact"] and row["prefix_cost"] > 0
+    assert len(row["graph_prefix_times_ms"]) == 3
+

@@ -27,7 +27,8 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("utils", ("wam_fast", "wam_fast.utils")),  # the root package: only __version__ and the lazy table
     ("ops", ("wam_fast.ops",)),
     ("models", ("wam_fast.configs", "wam_fast.models")),
-    ("runtime", ("wam_fast.schedules", "wam_fast.sampling", "wam_fast.cache", "wam_fast.quant", "wam_fast.policy")),
+    ("runtime", ("wam_fast.schedules", "wam_fast.prefix", "wam_fast.sampling", "wam_fast.cache", "wam_fast.quant",
+                 "wam_fast.policy", "wam_fast.realtime")),
     ("compiler", ("wam_fast.compiler",)),
     ("pipeline", ("wam_fast.pipeline",)),  # pixels -> actions: frame / text encoders around a WAMPolicy
     ("distill", ("wam_fast.distill",)),

@@ -16,11 +16,13 @@ import torch
 
 import metaworld_smoke
 
-from wam_fast.eval import fidelity, stages
+import wam_fast
+from wam_fast.eval import fidelity, realtime_eval, stages
 from wam_fast.eval import metaworld as mw
 from wam_fast.eval.results import RESULTS_DIR, markdown_table, plot, targets
 from wam_fast.eval.rollout import make_policy, run_episodes, wilson_interval
 from wam_fast.eval.settings import MODELS, STUDENTS, TASK_SETTINGS, Settings, model_config
+from wam_fast.realtime import MODES
 
 needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
                                      reason='Meta-World is not installed: pip install "wam_fast[sim]"')
@@ -589,3 +591,77 @@ def test_longer_distillation_tool_resumes_a_recorded_student(smoke_run, tmp_path
     longer = wam_fast.load_pretrained(work / "push-v3" / "student-action-only-shortcut-4" / "final")
     assert longer.config.action_only
     assert json.loads((tmp_path / "longer.json").read_text())["targets"]["teacher_success_min"] == 0.6
+
+
+# ---- real-time chunking under an injected delay (python -m wam_fast.eval --rtc) -------------------------------
+RTC_SMOKE_DELAYS = (0, 2)
+
+
+@pytest.fixture(scope="module")
+def rtc_smoke(smoke_run):
+    """The --rtc smoke run on the smoke run's trained stages (the prefix student distils here, 2 steps)."""
+    argv = ["--rtc", "--task", "push-v3", "--smoke", "--out", str(smoke_run.root / "work"),
+            "--results", str(smoke_run.root / "rtc"), "--delays", ",".join(map(str, RTC_SMOKE_DELAYS)), "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert fidelity.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((smoke_run.root / "rtc" / "metaworld-push-v3-rtc.json").read_text())
+
+
+@needs_metaworld
+def test_rtc_smoke_run_writes_every_row_and_its_chart(rtc_smoke, smoke_run):
+    keys = {"model", "mode", "delay", "success", "successes", "episodes", "ci95", "seam_jump", "step_jump",
+            "after_seam_jump", "seams", "commit"}
+    assert [(r["model"], r["mode"], r["delay"]) for r in rtc_smoke["rows"]] == [
+        (model, mode, delay) for model in realtime_eval.RTC_MODELS for delay in RTC_SMOKE_DELAYS
+        for mode in MODES]
+    assert all(keys <= set(r) and r["episodes"] == 2 for r in rtc_smoke["rows"])
+    assert set(rtc_smoke["latency"]) == set(realtime_eval.RTC_MODELS)
+    assert {"success_kept", "seam_share"} <= set(rtc_smoke["targets"])
+    png = smoke_run.root / "rtc" / "metaworld-push-v3-rtc.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_metaworld
+def test_rtc_modes_agree_without_delay_and_rtc_eases_the_seam(rtc_smoke):
+    rows = {(r["model"], r["mode"], r["delay"]): r for r in rtc_smoke["rows"]}
+    for model in realtime_eval.RTC_MODELS:
+        same = [(rows[model, mode, 0]["successes"], rows[model, mode, 0]["seam_jump"]) for mode in MODES]
+        assert same[0] == same[1] == same[2], model  # delay 0: the three modes run the same actions
+        assert rows[model, "rtc", 2]["seam_jump"] < rows[model, "naive", 2]["seam_jump"], model
+
+
+@needs_metaworld
+def test_rtc_student_reads_committed_actions(rtc_smoke):
+    student = wam_fast.load_pretrained(rtc_smoke["checkpoints"][realtime_eval.RTC_ROWS[0].name])
+    assert student.config.action_prefix and student.config.distillation == "shortcut"
+
+
+@pytest.mark.parametrize("task", realtime_eval.RECORDED_RTC_TASKS)
+def test_recorded_rtc_results_match_what_the_command_runs(task):
+    results_dir = Path(__file__).resolve().parents[1] / RESULTS_DIR
+    recorded = json.loads((results_dir / f"metaworld-{task}-rtc.json").read_text())
+    settings = dataclasses.replace(Settings.for_task(task), episodes=realtime_eval.RTC_EPISODES)
+    assert recorded["settings"] == fidelity.jsonable(dataclasses.asdict(settings))
+    assert recorded["models"] == list(realtime_eval.RTC_MODELS)
+    assert [(r["model"], r["mode"], r["delay"]) for r in recorded["rows"]] == [
+        (model, mode, delay) for model in realtime_eval.RTC_MODELS for delay in realtime_eval.RTC_DELAYS
+        for mode in MODES]
+    assert recorded["targets"] == realtime_eval.rtc_targets(recorded)
+    assert all(r["commit"] and r["episodes"] == realtime_eval.RTC_EPISODES for r in recorded["rows"])
+
+
+@needs_metaworld
+def test_rtc_retime_replaces_only_the_chunk_times(rtc_smoke, smoke_run):
+    argv = ["--rtc", "--retime", "--task", "push-v3", "--smoke", "--out", str(smoke_run.root / "work"),
+            "--results", str(smoke_run.root / "rtc"), "--delays", ",".join(map(str, RTC_SMOKE_DELAYS)), "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert fidelity.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    again = json.loads((smoke_run.root / "rtc" / "metaworld-push-v3-rtc.json").read_text())
+    assert again["rows"] == rtc_smoke["rows"] and again["retimed"]
+    assert again["latency"] != rtc_smoke["latency"] and set(again["latency"]) == set(rtc_smoke["latency"])

@@ -152,3 +152,25 @@ def test_threaded_robot_waits_when_the_chunk_runs_out(caplog):
     finally:
         release.set()
         chunker.close()
+
+
+def test_a_failed_inference_raises_once_and_the_next_tick_tries_again():
+    planner, calls = Planner(), []
+
+    def infer(observation, prefix):
+        calls.append(observation)
+        if len(calls) == 2:
+            raise RuntimeError("the GPU fell over")
+        return planner(observation, prefix)
+
+    chunker = RealTimeChunker(infer, action_len=K, execute=4, delay=0, mode="naive")
+    try:
+        assert [float(chunker.act(t)[0]) for t in range(5)] == [100, 101, 102, 103, 104]  # tick 4 launches
+        chunker.pending[0].exception(10)
+        with pytest.raises(RuntimeError, match="fell over"):
+            chunker.act(5)
+        assert float(chunker.act(6)[0]) == 105  # the old chunk runs on; tick 6 launches again
+        chunker.pending[0].result(10)
+        assert float(chunker.act(7)[0]) == 201 and calls == [0, 4, 6]  # entered one tick after its launch
+    finally:
+        chunker.close()

@@ -122,6 +122,33 @@ def test_a_connection_in_real_time_mode_gets_chunks_that_start_with_its_committe
                                   pipeline.new_session(seed=SEED)(image, "open the drawer"))
 
 
+def test_a_robot_loop_runs_real_time_chunking_over_the_network(server):
+    """wam_fast.realtime.RealTimeChunker on its background thread, inferring through the openpi client: the
+    robot never waits after the first chunk, and each new chunk starts with the actions committed for it."""
+    from wam_fast.realtime import RealTimeChunker
+
+    client = connect(server)
+    meta = client.get_server_metadata()
+    replies = []
+
+    def infer(image, prefix):
+        obs = observation(meta, image=image) | ({} if prefix is None else {"prefix_actions": prefix})
+        replies.append((prefix, client.infer(obs)["actions"]))
+        return replies[-1][1]
+
+    chunker = RealTimeChunker(infer, action_len=4, execute=2, delay=1)
+    images = frames(meta, 1)
+    try:
+        for tick in range(12):
+            assert chunker.act(images[0]).shape == (7,)
+            time.sleep(0.05)  # a 20 Hz robot
+    finally:
+        chunker.close()
+    assert len(replies) >= 3
+    for prefix, actions in replies[1:]:
+        np.testing.assert_array_equal(actions[:1], prefix)
+
+
 @pytest.mark.parametrize("message", [b"\xc1 not msgpack", "a text frame", wire.packb([1, 2, 3])])
 def test_garbage_gets_an_error_and_the_connection_keeps_serving(server, message):
     with websockets_sync.connect(f"ws://127.0.0.1:{server}", max_size=None) as ws:

@@ -138,7 +138,7 @@ class RealTimeChunker:
         return result.done()
 
     def _switch(self, t: int) -> None:
-        result, launched = self.pending
+        (result, launched), self.pending = self.pending, None  # a failed inference raises once; the next tick retries
         chunk = np.asarray(result if self.simulated else result.result())
         if chunk.ndim < 2 or chunk.shape[-2] != self.action_len:
             raise ValueError(f"infer returned a chunk of shape {chunk.shape}; expected (..., {self.action_len}, A)")
@@ -146,4 +146,4 @@ class RealTimeChunker:
         start = 0 if first or self.mode == "sync" else min(t - launched, self.action_len - 1)
         if self.last_action is not None:
             self.seam_jump = np.linalg.norm(chunk[..., start, :] - self.last_action, axis=-1)
-        self.chunk, self.index, self.pending, self.switched = chunk, start, None, True
+        self.chunk, self.index, self.switched = chunk, start, True

@@ -408,6 +408,7 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
 
     if prefix is not None:
         prefix = make_prefix(prefix, batch, config.action_len, config.action_dim, device)
+        prefix = prefix if prefix.length else None  # an empty prefix: the plain chunk
     guided = uses_guidance(cfg_scale, cfg_schedule)
     if guided:
         if uncond_text is None:
@@ -419,13 +420,13 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
 
     generator = torch.Generator("cpu").manual_seed(seed)
 
-    extra = committed_kwargs(config, prefix, 2 if guided else 1)
+    committed = committed_kwargs(config, prefix, 2 if guided else 1)
 
     def forward(video, actions, timestep, step_size):
         # step_size only where there is one: a teacher (or a wrapper of one) keeps its call signature
-        size = {} if step_size is None else {"step_size": step_size}
-        return model(video, text, actions, timestep, image=image, history=history, robot_id=robot_id, **size,
-                     **extra)
+        extra = {} if step_size is None else {"step_size": step_size}
+        return model(video, text, actions, timestep, image=image, history=history, robot_id=robot_id, **extra,
+                     **committed)
 
     chunk = run_sampler(forward, config, batch, device, dtype, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                         cfg_schedule=cfg_schedule, generator=generator, noise=noise, prefix=prefix)
@@ -485,9 +486,9 @@ def run_sampler(forward, config, batch: int, device, dtype, *, sampler: str, ste
     size = step_size_for(config, steps)
     # one tensor for every step: the step size is the same at each step of a fixed-grid sampler
     step_size = None if size is None else torch.full((rows * batch,), size, device=device, dtype=torch.float32)
-    def with_prefix(x, guided):
-        actions = guided(x[:, video_size:].reshape(action_shape))
-        return torch.cat((x[:, :video_size], actions.flatten(1)), dim=1)
+
+    def with_prefix(x, update):  # update: the action state (B, K, A) -> the guided one
+        return torch.cat((x[:, :video_size], update(x[:, video_size:].reshape(action_shape)).flatten(1)), dim=1)
 
     with inputs_checked():  # the grid is in range by construction; the callers checked their inputs
         for i, t in enumerate(solver.timesteps):

@@ -47,5 +47,17 @@ class CommittedPrefix:
         video = torch.zeros((committed.shape[0], video_size), dtype=torch.bool, device=committed.device)
         return torch.cat((video, committed.expand(-1, -1, c.action_dim).flatten(1)), dim=1)
 
-    def set_clean(self, x_t: torch.Tensor, x0: torch.Tensor, committed: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.state_mask(committed), x0, x_t)
+    def apply(self, schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, draws):
+        """(the student's input, its target, committed (rows, K, 1) or None): on prefixed rows the committed
+        actions are the data's, clean, and the target is the data's velocity."""
+        committed = self.committed(draws, x_t.device)
+        if committed is None:
+            return x_t, target, None
+        x_t = torch.where(self.state_mask(committed), x0, x_t)
+        data = schedule.velocity_target(x0, draws["noise"].to(x0.device), t.to(x0.device))
+        prefixed = (draws["prefix"] > 0).to(x0.device)[:, None]
+        return x_t, torch.where(prefixed, data, target), committed
+
+    def untrained_committed(self, out: torch.Tensor, target: torch.Tensor, committed) -> torch.Tensor:
+        """``target`` with the committed positions set to the output: nothing to learn on them."""
+        return target if committed is None else torch.where(self.state_mask(committed), out.detach(), target)

@@ -178,14 +178,10 @@ def run_model(model, config, video, text, actions, t, ctx, step_size=None, commi
     return video_out.float(), action_out.float()
 
 
-def _video_size(config: WAMConfig) -> int:
-    return config.noisy_frames * config.latent_channels * config.latent_height * config.latent_width
-
-
 def _split(config: WAMConfig, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """A flat (rows, video + actions) state -> (video, actions) shaped for ``config``."""
     rows = x.shape[0]
-    video_size = _video_size(config)
+    video_size = config.noisy_frames * config.latent_channels * config.latent_height * config.latent_width
     video = x[:, :video_size].reshape(rows, config.noisy_frames, config.latent_channels,
                                       config.latent_height, config.latent_width)
     return video, x[:, video_size:].reshape(rows, config.action_len, config.action_dim)
@@ -522,15 +518,10 @@ class ShortcutObjective(_Distillation):
                                                  draws["t_end"][coarse], d[coarse], sub)
             target = target.clone()
             target[rows] = target_coarse
-        committed = self.prefix.committed(draws, x_t.device)
-        if committed is not None:  # prefixed rows: their committed actions clean, the data's velocity the target
-            x_t = self.prefix.set_clean(x_t, x0, committed)
-            data = self.schedule.velocity_target(x0, draws["noise"].to(x0.device), t.to(x0.device))
-            target = torch.where(_rows(draws["prefix"] > 0, target), data, target)
+        x_t, target, committed = self.prefix.apply(self.schedule, x0, x_t, t, target, draws)
         video, actions = _split(c, x_t)
         out = _flat(*run_model(student, c, video, batch["text"], actions, t, ctx, step_size=d, committed=committed))
-        if committed is not None:  # nothing to learn on the committed rows themselves
-            target = torch.where(self.prefix.state_mask(committed), out.detach(), target)
+        target = self.prefix.untrained_committed(out, target, committed)
         loss, video_mse, action_mse = _weighted_mse(c, out, target, self.video_weight, self.action_weight)
         fine_mse = _weighted_mse(c, out.detach(), target, self.video_weight, self.action_weight,
                                  rows=~coarse.to(out.device))[0]

@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--episodes", type=positive_int, help="held-out episodes per model (default 50)")
     parser.add_argument("--models", help=f"comma-separated rows (default all: {','.join(r.name for r in MODELS)})")
     parser.add_argument("--retime", action="store_true", help="only time the recorded rows again (latency at "
-                        "batch 1, e.g. on an idle machine); success rates are kept")
+                        "batch 1, e.g. on an idle machine); success rates are kept (with --rtc: the chunk times)")
     parser.add_argument("--rtc", action="store_true", help="real-time chunking instead (eval.realtime_eval): rows "
                         "under an injected inference delay, sync / naive async / rtc; "
                         "benchmarks/results/metaworld-<task>-rtc.json")
@@ -256,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             if args.rtc:
                 results = run_rtc(settings, Path(args.out), Path(args.results), models=args.rtc_models.split(","),
-                                  delays=args.delays, progress=not args.no_progress)
+                                  delays=args.delays, progress=not args.no_progress, retime=args.retime)
                 print(rtc_table(results))
                 continue
             if args.retime:
