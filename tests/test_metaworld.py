@@ -597,10 +597,9 @@ def test_longer_distillation_tool_resumes_a_recorded_student(smoke_run, tmp_path
 RTC_SMOKE_DELAYS = (0, 2)
 
 
-@pytest.fixture(scope="module")
-def rtc_smoke(smoke_run):
-    """The --rtc smoke run on the smoke run's trained stages (the prefix student distils here, 2 steps)."""
-    argv = ["--rtc", "--task", "push-v3", "--smoke", "--out", str(smoke_run.root / "work"),
+def run_rtc_smoke(smoke_run, *flags) -> dict:
+    """``python -m wam_fast.eval --rtc --smoke`` (and ``flags``) on the smoke run's trained stages; its JSON."""
+    argv = ["--rtc", *flags, "--task", "push-v3", "--smoke", "--out", str(smoke_run.root / "work"),
             "--results", str(smoke_run.root / "rtc"), "--delays", ",".join(map(str, RTC_SMOKE_DELAYS)), "--no-progress"]
     threads = torch.get_num_threads()
     try:
@@ -608,6 +607,12 @@ def rtc_smoke(smoke_run):
     finally:
         torch.set_num_threads(threads)
     return json.loads((smoke_run.root / "rtc" / "metaworld-push-v3-rtc.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def rtc_smoke(smoke_run):
+    """The --rtc smoke run (the prefix student distils here, 2 steps)."""
+    return run_rtc_smoke(smoke_run)
 
 
 @needs_metaworld
@@ -655,13 +660,6 @@ def test_recorded_rtc_results_match_what_the_command_runs(task):
 
 @needs_metaworld
 def test_rtc_retime_replaces_only_the_chunk_times(rtc_smoke, smoke_run):
-    argv = ["--rtc", "--retime", "--task", "push-v3", "--smoke", "--out", str(smoke_run.root / "work"),
-            "--results", str(smoke_run.root / "rtc"), "--delays", ",".join(map(str, RTC_SMOKE_DELAYS)), "--no-progress"]
-    threads = torch.get_num_threads()
-    try:
-        assert fidelity.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
-    again = json.loads((smoke_run.root / "rtc" / "metaworld-push-v3-rtc.json").read_text())
+    again = run_rtc_smoke(smoke_run, "--retime")
     assert again["rows"] == rtc_smoke["rows"] and again["retimed"]
     assert again["latency"] != rtc_smoke["latency"] and set(again["latency"]) == set(rtc_smoke["latency"])

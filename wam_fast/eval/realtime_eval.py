@@ -265,6 +265,7 @@ def run_rtc(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, mode
         if old.get("settings") == settings_dict:
             results["rows"] = [r for r in old["rows"] if (r["model"], r["mode"], r["delay"]) in order]
             results["latency"] = {k: v for k, v in old.get("latency", {}).items() if k in models}
+            results["latency_commit"] = old.get("latency_commit")
     config = model_config(settings)
     text = mw.instruction_embedding(settings.task, config.text_len, config.text_dim)
     envs = [mw.MetaWorldEnv(settings.task, "heldout", camera=settings.camera) for _ in range(settings.episodes)]
@@ -273,10 +274,9 @@ def run_rtc(settings: Settings, out: Path, results_dir: Path = RESULTS_DIR, mode
             results["latency"] = {name: prefix_latency(rows_by_name[name], checkpoints, settings, text, envs[0])
                                   for name in models}
             results["latency_commit"] = environment()["commit"]
-            if retime:
-                results["environment"], results["retimed"] = environment(), True
-                order = []  # the rows stay as recorded
-        for name, mode, delay in order:
+        if retime:  # the rows stay as recorded
+            results["environment"], results["retimed"] = environment(), True
+        for name, mode, delay in [] if retime else order:
             if any((r["model"], r["mode"], r["delay"]) == (name, mode, delay) for r in results["rows"]):
                 continue
             measured = {"model": name} | evaluate_mode(rows_by_name[name], checkpoints, settings, text, envs, mode,
