@@ -150,6 +150,9 @@ def test_a_committed_prefix_comes_back_exactly_and_the_rest_continues_it(pipe):
                                                      np.stack([committed[:2], -committed[:2]]))
     np.testing.assert_array_equal(batch[:, :2], np.stack([committed[:2], -committed[:2]]))
     assert normalized.metadata()["max_prefix"] == 3  # up to action_len - 1
+    unblended = normalized.new_session(seed=4)(frame(), INSTRUCTION, prefix=committed, blend=0)
+    np.testing.assert_array_equal(unblended[:3], committed)
+    assert np.abs(unblended[3:] - actions[3:]).max() > 1e-4  # the blend is a choice
 
 
 @pytest.mark.parametrize("prefix,error,message", [

@@ -87,6 +87,23 @@ def test_one_step_eases_the_chunk_out_of_the_committed_motion():
     assert torch.equal(chunk[0][:, :2], given) and torch.equal(chunk[0][:, 6:], plain[0][:, 6:])
 
 
+@pytest.mark.parametrize("blend,weights", [(0, []), (2, [2 / 3, 1 / 3])])
+def test_the_blend_length_is_a_choice(blend, weights):
+    m = model(config(False))
+    plain, _ = run(m, 1, [None])
+    given = committed(2)
+    text, frames = episode(m.config, frames=1)
+    policy = wam_fast.WAMPolicy(m, steps=1, seed=0)
+    policy.reset(text)
+    chunk = policy.act(frames[0], prefix=given, blend=blend).actions
+    end = 2 + len(weights)
+    eased = plain[0][:, 2:end] + torch.tensor(weights)[None, :, None] * (given[:, -1:] - plain[0][:, 2:end])
+    torch.testing.assert_close(chunk[:, 2:end], eased, rtol=0, atol=1e-6)
+    assert torch.equal(chunk[:, :2], given) and torch.equal(chunk[:, end:], plain[0][:, end:])
+    with pytest.raises(ValueError, match="blend must be an int >= 0"):
+        policy.act(frames[0], prefix=given, blend=-1)
+
+
 def test_the_blend_is_cut_at_the_end_of_the_chunk():
     prefix = make_prefix(committed(6), 2, 8, A, "cpu")
     assert prefix.weight[0, :, 0].tolist() == pytest.approx([1] * 6 + [0.8, 0.6])

@@ -92,6 +92,7 @@ BAD = {
     "prefix not 2-D": (lambda meta: dict(prefix_actions=np.zeros(7, np.float32)), "(d, action_dim)"),
     "prefix of ints": (lambda meta: dict(prefix_actions=np.zeros((2, 7), np.int64)), "float"),
     "prefix wrong width": (lambda meta: dict(prefix_actions=np.zeros((2, 5), np.float32)), "(1, d, 7)"),
+    "negative blend": (lambda meta: dict(prefix_actions=np.zeros((2, 7), np.float32), prefix_blend=-1), "blend must be"),
     "image not an array": (lambda meta: dict(image=[[1, 2, 3]]), "must be a numpy array"),
 }
 
@@ -117,6 +118,10 @@ def test_a_connection_in_real_time_mode_gets_chunks_that_start_with_its_committe
     np.testing.assert_array_equal(reply["actions"][:2], committed)
     session = pipeline.new_session(seed=SEED)
     np.testing.assert_array_equal(reply["actions"], session(image, "open the drawer", prefix=committed))
+    unblended = connect(server).infer(observation(meta, image=image, prefix_actions=committed,
+                                                  prefix_blend=0))["actions"]  # a new connection: a new episode
+    np.testing.assert_array_equal(unblended, pipeline.new_session(seed=SEED)(image, "open the drawer", prefix=committed,
+                                                                             blend=0))
     other = connect(server)  # another connection without a prefix: the plain chunk of its own episode
     np.testing.assert_array_equal(other.infer(observation(meta, image=image))["actions"],
                                   pipeline.new_session(seed=SEED)(image, "open the drawer"))

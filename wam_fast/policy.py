@@ -37,7 +37,7 @@ import torch
 from wam_fast.cache import TemporalKVCache, not_cacheable_message
 from wam_fast.configs import WAMConfig
 from wam_fast.models.validation import check_robot_id, check_tensor, check_values
-from wam_fast.prefix import ActionPrefix, committed_kwargs, make_prefix
+from wam_fast.prefix import BLEND_ACTIONS, ActionPrefix, check_blend, committed_kwargs, make_prefix
 from wam_fast.sampling import (SAMPLERS, ActionChunk, check_options, check_seed, check_text, resolve_options,
                                run_sampler, step_size_for, uses_guidance)
 from wam_fast.schedules import schedule_for
@@ -145,7 +145,7 @@ class WAMPolicy:
 
     @torch.no_grad()
     def act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor] = None,
-            prefix: Optional[torch.Tensor] = None) -> ActionChunk:
+            prefix: Optional[torch.Tensor] = None, blend: int = BLEND_ACTIONS) -> ActionChunk:
         """The action chunk (and predicted future video latents; None for an action-only model,
         ``config.future_frames == 0``) for the current observation ``image_latent`` (B, 1, C, H, W), a
         clean latent in the model's dtype and device.
@@ -153,16 +153,18 @@ class WAMPolicy:
         ``prefix`` (B, d, action_dim), model units, 0 <= d < action_len: actions already committed (the robot
         executes them while this chunk is inferred; ``wam_fast.realtime``). The chunk's first d actions are
         these and the rest continues them (``wam_fast.prefix``: the sampler is guided toward them; a model
-        distilled to read them, ``config.action_prefix``, also sees them clean)."""
+        distilled to read them, ``config.action_prefix``, also sees them clean); ``blend`` positions after
+        them are eased out of the last one (0: none)."""
         with self.lock:
-            return self._act(image_latent, robot_id, prefix)
+            return self._act(image_latent, robot_id, prefix, blend)
 
     def _act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor],
-             prefix: Optional[torch.Tensor] = None) -> ActionChunk:
+             prefix: Optional[torch.Tensor] = None, blend: int = BLEND_ACTIONS) -> ActionChunk:
         self.check_observation(image_latent, robot_id)
+        check_blend(blend)
         if prefix is not None:
             c = self.config
-            prefix = make_prefix(prefix, self.batch, c.action_len, c.action_dim, self.device)
+            prefix = make_prefix(prefix, self.batch, c.action_len, c.action_dim, self.device, blend)
             prefix = prefix if prefix.length else None  # an empty prefix: the plain chunk
         slot = None
         if self.cache is not None:

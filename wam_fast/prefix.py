@@ -7,9 +7,11 @@ committed. Chunk n+1 must start with them and continue them without a jump. The 
 
 - the d committed positions are replaced by the committed actions at the state's noise level,
   ``alpha * committed + sigma * eps`` (inpainting; the final step sets them exactly);
-- the next ``BLEND_ACTIONS`` positions are pulled toward the last committed action, with weights falling
-  linearly to 0 (0.8, 0.6, 0.4, 0.2 for 4): a soft mask, as real-time chunking's guidance has, so the
-  chunk leaves the committed motion gradually instead of at the seam.
+- the next ``blend`` positions (default ``BLEND_ACTIONS``, 4) are pulled toward the last committed action,
+  with weights falling linearly to 0 (0.8, 0.6, 0.4, 0.2 for 4): a soft mask, as real-time chunking's
+  guidance has, so the chunk leaves the committed motion gradually instead of at the seam. A blend averages
+  the committed motion with the new chunk: where the new chunk may switch to another mode (a route round an
+  obstacle), a model that does not read the prefix can be eased into neither; ``blend=0`` turns it off.
 
 ``eps`` is the chunk's own initial action noise (no extra draw: the noise stream, and a chunk without a
 prefix, are unchanged). A model sees the guided positions from its second evaluation on; with one step
@@ -22,6 +24,7 @@ not a shape: a CUDA graph of the chunk serves every ``d``.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,9 +48,19 @@ class ActionPrefix:
     length: int
 
 
-def make_prefix(committed, batch: int, action_len: int, action_dim: int, device) -> ActionPrefix:
+def check_blend(blend) -> int:
+    if isinstance(blend, bool) or not isinstance(blend, numbers.Integral) or blend < 0:
+        raise ValueError(f"blend must be an int >= 0 (positions after the committed actions eased out of them; "
+                         f"0: none), got {blend!r}")
+    return int(blend)
+
+
+def make_prefix(committed, batch: int, action_len: int, action_dim: int, device,
+                blend: int = BLEND_ACTIONS) -> ActionPrefix:
     """``committed`` (B, d, A), model units (a floating tensor on the model's device), 0 <= d < K -> an
-    ``ActionPrefix`` over the chunk's K actions."""
+    ``ActionPrefix`` over the chunk's K actions; ``blend`` positions after them are eased out of the last
+    committed action with weights (blend - j) / (blend + 1) (0: the committed actions alone)."""
+    blend = check_blend(blend)
     if not isinstance(committed, torch.Tensor):
         raise TypeError(f"prefix must be a torch.Tensor (B, d, action_dim) of committed actions, "
                         f"got {type(committed).__name__}")
@@ -65,12 +78,11 @@ def make_prefix(committed, batch: int, action_len: int, action_dim: int, device)
     actions = torch.zeros(batch, action_len, action_dim, device=device, dtype=torch.float32)
     weight = torch.zeros(batch, action_len, 1, device=device, dtype=torch.float32)
     if length:
-        blend = min(BLEND_ACTIONS, action_len - length)
+        eased = min(blend, action_len - length)
         actions[:, :length] = committed
-        actions[:, length:length + blend] = committed[:, -1:].float()
+        actions[:, length:length + eased] = committed[:, -1:].float()
         weight[:, :length] = 1.0
-        weight[:, length:length + blend, 0] = torch.arange(BLEND_ACTIONS, BLEND_ACTIONS - blend, -1,
-                                                          device=device) / (BLEND_ACTIONS + 1)
+        weight[:, length:length + eased, 0] = torch.arange(blend, blend - eased, -1, device=device) / (blend + 1)
     return ActionPrefix(actions, weight, weight == 1.0, length)
 
 

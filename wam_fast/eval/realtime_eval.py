@@ -51,7 +51,7 @@ RTC_ROWS = tuple(ModelRow(f"{PREFIX_STUDENT}-{k}step", PREFIX_STUDENT, k, cache=
 # second evaluation; at one step the guidance acts on the output alone.
 RTC_MODELS = ("shortcut-2step", "shortcut-1step", RTC_ROWS[0].name)
 RTC_DELAYS = (0, 1, 2, 4)
-RECORDED_RTC_TASKS = ("push-v3", "drawer-open-v3")  # benchmarks/results/metaworld-<task>-rtc.json
+RECORDED_RTC_TASKS = ("push-v3", "drawer-open-v3", "button-press-wall-v3")  # metaworld-<task>-rtc.json
 RTC_EPISODES = 100  # layouts 0..49 twice: a tighter interval than the fidelity run's 50
 TARGET_DELAY = 2
 SUCCESS_KEEP = 0.95  # rtc at TARGET_DELAY keeps this share of the synchronous success at delay 0

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from wam_fast.policy import WAMPolicy
+from wam_fast.prefix import BLEND_ACTIONS, check_blend
 from wam_fast.pipeline.encoders import FrameEncoder, pixels_from_images
 
 TEXT_CACHE_SIZE = 64  # instructions whose embedding stays cached (LRU)
@@ -209,6 +210,7 @@ class WAMPipeline:
         return {"image_key": "image", "prompt_key": "prompt", "image_shape": list(self.image_shape),
                 "image_dtype": "uint8", "max_cameras": 1, "action_shape": [c.action_len, c.action_dim],
                 "state": False, "prefix_key": "prefix_actions", "max_prefix": c.action_len - 1,
+                "prefix_blend_key": "prefix_blend", "prefix_blend": BLEND_ACTIONS,
                 "model": {"name": c.name, "mask": c.mask, "distillation": c.distillation,
                           "sampler": policy_options.sampler, "steps": policy_options.steps,
                           "frame_encoder": self.frame_encoder.name, "text_encoder": self.text_encoder.kind,
@@ -249,35 +251,39 @@ class PipelineSession:
         with self.lock:
             self.instruction = None
 
-    def __call__(self, images, instruction: str, state=None, prefix=None) -> np.ndarray:
+    def __call__(self, images, instruction: str, state=None, prefix=None, blend: int = BLEND_ACTIONS) -> np.ndarray:
         """One action chunk (K, A) float32 in robot units for the current frame and instruction.
 
         ``prefix`` (d, A) robot units: the actions the robot executes while this chunk is inferred (real-time
-        chunking, ``wam_fast.realtime``); the chunk's first d actions are these and the rest continues them."""
+        chunking, ``wam_fast.realtime``); the chunk's first d actions are these and the rest continues them;
+        ``blend``: positions after them eased out of the last one (``wam_fast.prefix``; 0: none)."""
         if state is not None:
             raise ValueError("this pipeline takes no proprioceptive state (metadata 'state': False); got a state")
         check_instruction(instruction)
         images = self.pipeline.check_images(images)
+        check_blend(blend)
         if prefix is not None:
             if isinstance(prefix, (np.ndarray, torch.Tensor)) and prefix.ndim == 2:
                 prefix = prefix[None]
             prefix = self.pipeline.check_prefix(prefix, 1)
-        return self.run(images, instruction, prefix)[0]
+        return self.run(images, instruction, prefix, blend)[0]
 
-    def act_batch(self, images, instruction: str, prefix=None) -> np.ndarray:
+    def act_batch(self, images, instruction: str, prefix=None, blend: int = BLEND_ACTIONS) -> np.ndarray:
         """B observations of B episodes run as one batch (the Meta-World harness): images (B, H, W, 3)
         -> actions (B, K, A). Every row follows ``instruction``; B is fixed within an episode.
-        ``prefix``: (B, d, A) committed actions of each row, robot units (see ``__call__``)."""
+        ``prefix``, ``blend``: (B, d, A) committed actions of each row, robot units (see ``__call__``)."""
         check_instruction(instruction)
         images = self.pipeline.check_images(images, batch=True)
         if instruction == self.instruction and len(images) != self.policy.batch:
             raise ValueError(f"the episode runs {self.policy.batch} rows, got a batch of {len(images)} images "
                              f"(reset() first to change it)")
+        check_blend(blend)
         if prefix is not None:
             prefix = self.pipeline.check_prefix(prefix, len(images))
-        return self.run(images, instruction, prefix)
+        return self.run(images, instruction, prefix, blend)
 
-    def run(self, images: torch.Tensor, instruction: str, prefix: Optional[torch.Tensor] = None) -> np.ndarray:
+    def run(self, images: torch.Tensor, instruction: str, prefix: Optional[torch.Tensor] = None,
+            blend: int = BLEND_ACTIONS) -> np.ndarray:
         """Checked images (B, H, W, 3) -> actions (B, K, A): text, frame encode, one policy chunk, readout.
         ``prefix``: checked committed actions (B, d, A), robot units; returned unchanged as the first d."""
         pipe = self.pipeline
@@ -291,7 +297,7 @@ class PipelineSession:
                 self.policy.reset(text.expand(len(images), -1, -1).contiguous())
                 self.instruction = instruction
             committed = None if prefix is None else pipe.normalize(prefix).to(pipe.device)
-            chunk = self.policy.act(latents, prefix=committed)
+            chunk = self.policy.act(latents, prefix=committed, blend=blend)
             actions = pipe.denormalize(chunk.actions.float()).cpu().numpy().astype(np.float32)
             if prefix is not None:  # exactly what the robot executes, not its round trip through the statistics
                 actions[:, :prefix.shape[1]] = prefix.numpy()

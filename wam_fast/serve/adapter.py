@@ -9,7 +9,8 @@ Real-time chunking is the client's choice, per connection and per request: an ob
 ``"prefix_actions"`` (metadata ``prefix_key``): float (d, A), robot units, 0 <= d <= metadata ``max_prefix``,
 the actions the robot executes while this chunk is inferred. The reply's first d actions are exactly those,
 and the rest continues them (``wam_fast.prefix``); the robot enters the chunk at action d
-(``wam_fast.realtime.RealTimeChunker`` does this on the client side).
+(``wam_fast.realtime.RealTimeChunker`` does this on the client side). ``"prefix_blend"`` (int >= 0, metadata
+``prefix_blend_key``; default ``prefix_blend``) sets how many actions after them are eased out of them.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ class PipelineSessionAdapter:
         self.image_key = metadata["image_key"]
         self.prompt_key = metadata["prompt_key"]
         self.state = bool(metadata.get("state"))
-        self.prefix_key = metadata.get("prefix_key")
+        self.prefix_key, self.blend_key = metadata.get("prefix_key"), metadata.get("prefix_blend_key")
         self.max_prefix = int(metadata.get("max_prefix", 0))
         self.keys = {self.image_key, self.prompt_key} | ({"state"} if self.state else set())
-        self.optional = {self.prefix_key} if self.prefix_key else set()
+        self.optional = {key for key in (self.prefix_key, self.blend_key) if key}
 
     def check(self, obs) -> None:
         if not isinstance(obs, dict):
@@ -71,6 +72,8 @@ class PipelineSessionAdapter:
         kwargs = {"state": obs["state"]} if self.state else {}
         if self.prefix_key and obs.get(self.prefix_key) is not None:
             kwargs["prefix"] = obs[self.prefix_key]
+        if self.blend_key and obs.get(self.blend_key) is not None:
+            kwargs["blend"] = obs[self.blend_key]
         actions = self.session(obs[self.image_key], obs[self.prompt_key], **kwargs)
         timing = {k: float(v) for k, v in (self.session.last_timing or {}).items()}
         timing["infer_ms"] = (time.perf_counter() - start) * 1e3
