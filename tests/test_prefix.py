@@ -229,3 +229,16 @@ def test_prefix_fraction_needs_a_student_that_reads_prefixes():
         O.ShortcutObjective(teacher, reader.config, prefix_fraction=1.0)
     draws = O.ShortcutObjective(teacher, reader.config).draw(8, torch.Generator().manual_seed(0))
     assert "prefix" not in draws  # no prefix rows: the draws of earlier versions
+
+
+def test_a_prefix_adds_no_value_read_back(monkeypatch):
+    """The prefix's values are checked in the observation's one fused check_values (one device sync a chunk)."""
+    import wam_fast.policy as policy_module
+
+    calls = []
+    real = policy_module.check_values
+    monkeypatch.setattr(policy_module, "check_values", lambda finite, *a, **k: (calls.append(sorted(finite)),
+                                                                                 real(finite, *a, **k))[1])
+    m = model(config(False))
+    run(m, 2, [committed(2)])
+    assert calls == [["text", "uncond_text"], ["image_latent", "prefix"]]  # reset, then one check per act

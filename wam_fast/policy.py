@@ -160,12 +160,8 @@ class WAMPolicy:
 
     def _act(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor],
              prefix: Optional[torch.Tensor] = None, blend: int = BLEND_ACTIONS) -> ActionChunk:
-        self.check_observation(image_latent, robot_id)
         check_blend(blend)
-        if prefix is not None:
-            c = self.config
-            prefix = make_prefix(prefix, self.batch, c.action_len, c.action_dim, self.device, blend)
-            prefix = prefix if prefix.length else None  # an empty prefix: the plain chunk
+        prefix = self.check_observation(image_latent, robot_id, prefix, blend)
         slot = None
         if self.cache is not None:
             timesteps, step_size = self.grid()
@@ -223,16 +219,21 @@ class WAMPolicy:
                             prefix=prefix)
         return chunk.video, chunk.actions
 
-    def check_observation(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor]) -> None:
-        """Check one observation: shapes, dtype, device, then its values (finite, robot ids in range)
-        in one fused reduction: one device sync on a GPU, the only one ``act`` adds."""
+    def check_observation(self, image_latent: torch.Tensor, robot_id: Optional[torch.Tensor],
+                          prefix: Optional[torch.Tensor] = None, blend: int = BLEND_ACTIONS) -> Optional[ActionPrefix]:
+        """Check one observation (and committed ``prefix``): shapes, dtype, device, then their values (finite,
+        robot ids in range) in one fused reduction: one device sync on a GPU, the only one ``act`` adds.
+        Returns the prefix as an ``ActionPrefix`` (None without one, or an empty one: the plain chunk)."""
         if self.text is None:
             raise RuntimeError("WAMPolicy.act: call reset(text) first (once per episode / instruction)")
         c = self.config
         check_tensor("image_latent", image_latent,
                       (self.batch, 1, c.latent_channels, c.latent_height, c.latent_width), self.dtype, self.device)
         check_robot_id(c, robot_id, self.batch, self.device, read_values=False)  # values: in check_values
-        check_values({"image_latent": image_latent}, robot_id, c.num_robots)
+        made = None if prefix is None else make_prefix(prefix, self.batch, c.action_len, c.action_dim, self.device,
+                                                       blend)
+        check_values({"image_latent": image_latent, "prefix": prefix}, robot_id, c.num_robots)
+        return made if made is not None and made.length else None
 
     def end_step(self, image_latent: torch.Tensor) -> None:
         """After a chunk: the observation becomes history (uncached path), the control step advances."""

@@ -30,8 +30,6 @@ from typing import Optional
 
 import torch
 
-from wam_fast.models.validation import check_values
-
 BLEND_ACTIONS = 4  # positions after the committed ones eased from the committed motion into the new chunk
 
 
@@ -59,7 +57,8 @@ def make_prefix(committed, batch: int, action_len: int, action_dim: int, device,
                 blend: int = BLEND_ACTIONS) -> ActionPrefix:
     """``committed`` (B, d, A), model units (a floating tensor on the model's device), 0 <= d < K -> an
     ``ActionPrefix`` over the chunk's K actions; ``blend`` positions after them are eased out of the last
-    committed action with weights (blend - j) / (blend + 1) (0: the committed actions alone)."""
+    committed action with weights (blend - j) / (blend + 1) (0: the committed actions alone). Checks shapes,
+    not values: the caller folds ``committed`` into its one ``check_values`` (one device sync per chunk)."""
     blend = check_blend(blend)
     if not isinstance(committed, torch.Tensor):
         raise TypeError(f"prefix must be a torch.Tensor (B, d, action_dim) of committed actions, "
@@ -74,7 +73,6 @@ def make_prefix(committed, batch: int, action_len: int, action_dim: int, device,
         raise TypeError(f"prefix must be a floating tensor, got dtype {committed.dtype}")
     if committed.device != torch.device(device):
         raise ValueError(f"prefix is on {committed.device} but the model is on {device}")
-    check_values({"prefix": committed})
     actions = torch.zeros(batch, action_len, action_dim, device=device, dtype=torch.float32)
     weight = torch.zeros(batch, action_len, 1, device=device, dtype=torch.float32)
     if length:

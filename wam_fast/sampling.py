@@ -402,13 +402,11 @@ def sample(model, text: torch.Tensor, image: Optional[torch.Tensor] = None, *, s
     check_robot_id(config, robot_id, batch, device, read_values=False)  # values: in check_values below
     if uncond_text is not None:
         check_text("uncond_text", uncond_text, (batch, 1), config, dtype, device)
+    made = None if prefix is None else make_prefix(prefix, batch, config.action_len, config.action_dim, device)
     # values once here (one sync on an accelerator); the forwards of the loop then read none back
-    check_values({"text": text, "uncond_text": uncond_text, "image": image, "history": history},
+    check_values({"text": text, "uncond_text": uncond_text, "image": image, "history": history, "prefix": prefix},
                  robot_id, config.num_robots)
-
-    if prefix is not None:
-        prefix = make_prefix(prefix, batch, config.action_len, config.action_dim, device)
-        prefix = prefix if prefix.length else None  # an empty prefix: the plain chunk
+    prefix = made if made is not None and made.length else None  # an empty prefix: the plain chunk
     guided = uses_guidance(cfg_scale, cfg_schedule)
     if guided:
         if uncond_text is None:
